@@ -1,0 +1,8 @@
+"""nemotron-kernels: fused NVFP4, Mamba-2 SSD and LatentMoE kernels and the ``nemotron``
+torch.compile backend for Nemotron 3 hybrid models.
+
+Without a CUDA device, importing the package turns on Triton's interpreter (see ``nemotron._triton``).
+"""
+from . import _triton  # noqa: F401  (must run before triton is imported)
+
+__version__ = "0.1.0"

@@ -1,0 +1,234 @@
+"""NVFP4 reference: plain torch, fp32 arithmetic in a fixed order. This file defines correct.
+
+Quantization (Transformer Engine's NVFP4 recipe; see ../shared/notes/nvfp4_and_gemm.md §1):
+
+    amax     = max |x| over the finite elements of the tensor        (fp32)
+    S_enc    = min(2688 / amax, FLT_MAX); S_enc = 1 if amax == 0 or S_enc == 0
+    S_dec    = 1 / S_enc                                              (stored as ``global_scale``)
+    (a caller-given ``global_scale`` is S_dec, and then S_enc = 1 / S_dec)
+    per block of 16 (1x16) or tile of 16x16:
+    scale    = e4m3_rne_satfinite(block_amax * (S_enc * fp32(1/6)))
+    inv      = min(1 / (fp32(scale) * S_dec), FLT_MAX)                (exact division)
+    code     = e2m1_rne_satfinite(x * inv), sign bit = sign bit of x (so -0.1 -> -0)
+
+Every division is IEEE round-to-nearest, every product a single fp32 rounding, so the Triton kernels
+reproduce these bytes exactly.
+
+Non-finite inputs (the tensor amax ignores them, so one bad value cannot wreck the other blocks):
+  * +-inf saturates: its block's scale is 448 (the E4M3 max) and the element's code is +-6, so it
+    dequantizes to +-6 * 448 * S_dec, the largest magnitude the tensor can hold.
+  * NaN poisons its own block: the block scale is E4M3 NaN (0x7F) and the block's codes are 0, so all
+    16 elements (or the 16x16 tile) dequantize to NaN. Other blocks are unaffected.
+For finite inputs the bytes equal Transformer Engine's round-to-nearest quantizer.
+
+Stochastic rounding: |x * inv| (saturated at 6) between grid points lo < hi rounds up with
+probability (v - lo) / (hi - lo): ``q = floor((v + u * step) / step) * step`` with the grid step of
+the binade (0.5 below 2, 1 below 4, else 2) and u uniform in [0, 1) with 24 bits, drawn from
+Triton's Philox4x32-10 (``tl.randint(seed, element_index)``), reimplemented here bit for bit.
+
+Random Hadamard transform: each consecutive 16-element block of the last dim is multiplied by
+``diag(s) @ H16 / 4`` (H16 the Sylvester Hadamard matrix, s Transformer Engine's fixed sign vector),
+computed as a radix-2 butterfly in fp32 in the order of :func:`_butterfly`. The matrix is orthonormal,
+so the inverse is its transpose, ``H16 @ diag(s) / 4``: butterfly first, signs last.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLT_MAX = torch.finfo(torch.float32).max
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_NAN_CODE = 0x7F
+BLOCK = 16
+# The 16 E2M1 values by 4-bit code: bit 3 is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Transformer Engine's RHT sign vector (transformer_engine/pytorch/tensor/nvfp4_tensor.py,
+# get_wgrad_sign_vector); bit i of the mask is set where s_i = -1.
+HADAMARD_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+HADAMARD_SIGN_MASK = 0xD7E8
+
+_ONE_SIXTH = torch.tensor(1.0 / 6.0, dtype=torch.float32)  # fp32(1/6), as the kernels use it
+
+
+def hadamard_matrix(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The 16x16 transform ``diag(s) @ H16 / 4`` that right-multiplies each 16-element block."""
+    h = torch.ones(1, 1, dtype=dtype)
+    for _ in range(4):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    s = torch.tensor(HADAMARD_SIGNS, dtype=dtype)
+    return s[:, None] * h / 4
+
+
+def _butterfly(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Sylvester-Hadamard transform of the last dim (a power of two), fp32.
+
+    Splits the last dim into even/odd elements, y = interleave(H(e + o), H(e - o)); the Triton
+    kernels perform the same additions in the same order.
+    """
+    n = v.shape[-1]
+    if n == 1:
+        return v
+    e, o = v[..., 0::2], v[..., 1::2]
+    return torch.stack([_butterfly(e + o), _butterfly(e - o)], dim=-1).reshape(v.shape)
+
+
+def hadamard_reference(x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """RHT of each 16-block of the last dim, fp32 math, rounded to ``x.dtype``."""
+    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    s = torch.tensor(HADAMARD_SIGNS, dtype=torch.float32, device=x.device)
+    if inverse:
+        v = _butterfly(v) * 0.25 * s
+    else:
+        v = _butterfly(v * s) * 0.25
+    return v.reshape(x.shape).to(x.dtype)
+
+
+def global_amax_reference(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements, fp32 0-dim (0 when there are none)."""
+    a = x.float().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return a.amax() if a.numel() else torch.zeros((), device=x.device)
+
+
+def global_scales(amax: torch.Tensor | None, global_scale: torch.Tensor | None):
+    """(S_enc, S_dec) as fp32 0-dim tensors, from a tensor amax or a caller-given decode scale."""
+    if global_scale is not None:
+        s_dec = global_scale.float().reshape(())
+        return torch.ones_like(s_dec) / s_dec, s_dec
+    amax = amax.float().reshape(())
+    s_enc = torch.clamp(torch.full_like(amax, 2688.0) / amax, max=FLT_MAX)
+    s_enc = torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
+    return s_enc, torch.ones_like(s_enc) / s_enc
+
+
+def e4m3_encode(v: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even, saturating E4M3 of v >= 0 (inf -> 448, NaN -> NaN); uint8 codes."""
+    return v.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def e2m1_magnitude_nearest(y: torch.Tensor) -> torch.Tensor:
+    """3-bit E2M1 magnitude code of y >= 0, round-to-nearest-even, saturating (ties listed)."""
+    return ((y > 0.25).int() + (y >= 0.75).int() + (y > 1.25).int() + (y >= 1.75).int()
+            + (y > 2.5).int() + (y >= 3.5).int() + (y > 5.0).int())
+
+
+def e2m1_magnitude_stochastic(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """3-bit E2M1 magnitude code of y >= 0, rounded up with probability (y - lo) / (hi - lo)."""
+    y = torch.clamp(y, max=E2M1_MAX)
+    step = torch.where(y < 2.0, 0.5, torch.where(y < 4.0, 1.0, 2.0))
+    q = torch.floor((y + u * step) * (1.0 / step)) * step
+    q = torch.clamp(q, max=E2M1_MAX)
+    return ((q >= 0.5).int() + (q >= 1.0).int() + (q >= 1.5).int() + (q >= 2.0).int()
+            + (q >= 3.0).int() + (q >= 4.0).int() + (q >= 6.0).int())
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: int, b: torch.Tensor):
+    """(high, low) 32-bit halves of a * b for a 32-bit constant a and 32-bit values b in int64."""
+    ah, al = a >> 16, a & 0xFFFF
+    hb, lb = ah * b, al * b                      # each < 2**48
+    hi = (hb + (lb >> 16)) >> 16
+    lo = ((hb & 0xFFFF) << 16) + lb
+    return hi & _M32, lo & _M32
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0), key = seed.
+
+    Equals Triton's ``tl.randint(seed, offsets)`` for int64 offsets; returned as int64 in [0, 2**32).
+    """
+    c0 = offsets & _M32
+    c1 = (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
+    """u in [0, 1) from the top 24 bits of a 32-bit random word (exact in fp32)."""
+    return (r >> 8).float() * (2.0 ** -24)
+
+
+def _as_tiles(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """View x [..., R, K] as [L, R, K] (1x16: [1, numel / K, K])."""
+    k = x.shape[-1]
+    if tile_rows == 1:
+        return x.reshape(1, -1, k)
+    return x.reshape(-1, x.shape[-2], k)
+
+
+def _block_reduce(t: torch.Tensor, tile_rows: int, op) -> torch.Tensor:
+    """Reduce [L, R, K] over blocks of tile_rows x 16 with ``op`` (amax/amin of a bool/float); -> [L, R, K/16]."""
+    l, r, k = t.shape
+    rp = -(-r // tile_rows) * tile_rows
+    if rp != r:
+        t = torch.cat([t, torch.zeros(l, rp - r, k, dtype=t.dtype, device=t.device)], 1)
+    red = op(op(t.reshape(l, rp // tile_rows, tile_rows, k // BLOCK, BLOCK), dim=4), dim=2)
+    return red.repeat_interleave(tile_rows, dim=1)[:, :r]
+
+
+def quantize_reference(x: torch.Tensor, *, tile_rows: int = 1, global_scale: torch.Tensor | None = None,
+                       stochastic: bool = False, seed: int = 0, hadamard: bool = False):
+    """Quantize x [..., K] (K % 16 == 0) to NVFP4.
+
+    Returns ``(codes uint8 [..., K/2], block_scales float8_e4m3fn [..., K/16], global_scale fp32 [])``.
+    ``tile_rows`` 16 takes one scale per 16x16 tile of the last two dims, replicated per row.
+    """
+    if hadamard:
+        x = hadamard_reference(x)
+    shape, k = x.shape, x.shape[-1]
+    s_enc, s_dec = global_scales(global_amax_reference(x) if global_scale is None else None, global_scale)
+    xt = _as_tiles(x.float(), tile_rows)                                   # [L, R, K]
+    a = xt.abs()
+    nan = torch.isnan(xt)
+    bamax = _block_reduce(torch.where(nan, torch.zeros_like(a), a), tile_rows, torch.amax)
+    bnan = _block_reduce(nan.float(), tile_rows, torch.amax) > 0           # [L, R, K/16]
+    scale = e4m3_encode(bamax * (s_enc * _ONE_SIXTH.to(x.device)))
+    scale = torch.where(bnan, torch.full_like(scale, E4M3_NAN_CODE), scale)
+    scale_f = scale.view(torch.float8_e4m3fn).float()
+    inv = torch.clamp(torch.ones_like(scale_f) / (scale_f * s_dec), max=FLT_MAX)
+    y = xt * inv.repeat_interleave(BLOCK, dim=-1)
+    if stochastic:
+        idx = torch.arange(xt.numel(), dtype=torch.int64, device=x.device).reshape(xt.shape)
+        mag = e2m1_magnitude_stochastic(y.abs(), uniform_from_bits(philox_randint(seed, idx)))
+    else:
+        mag = e2m1_magnitude_nearest(y.abs())
+    code = mag + 8 * torch.signbit(xt).int()
+    code = torch.where(bnan.repeat_interleave(BLOCK, dim=-1), torch.zeros_like(code), code)
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return (packed.reshape(*shape[:-1], k // 2),
+            scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], k // BLOCK),
+            s_dec)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 values of 4-bit codes (any integer dtype)."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def dequantize_reference(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x = e2m1(code) * (fp32(block_scale) * global_scale), rounded once to ``dtype``."""
+    c = codes.to(torch.int32)
+    v = torch.stack([e2m1_decode(c & 0xF), e2m1_decode(c >> 4)], dim=-1).reshape(*codes.shape[:-1], -1)
+    s = block_scales.float() * global_scale.float().reshape(())
+    return (v * s.repeat_interleave(BLOCK, dim=-1)).to(dtype)
+
+
+def qdq_error(x: torch.Tensor, xq: torch.Tensor) -> float:
+    """Relative RMS error ||x - xq|| / ||x|| over finite elements, in fp64."""
+    x64, q64 = x.double(), xq.double()
+    m = torch.isfinite(x64)
+    den = x64[m].norm().item()
+    return (x64[m] - q64[m]).norm().item() / den if den > 0 else math.nan

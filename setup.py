@@ -1,0 +1,24 @@
+"""Distribution `nemotron-kernels`: fused Triton/CUTLASS kernels and a torch.compile backend for Nemotron 3."""
+from setuptools import find_packages, setup
+
+setup(
+    name="nemotron-kernels",
+    version="0.1.0",
+    description="NVFP4, Mamba-2 SSD and LatentMoE kernels and a torch.compile backend for Nemotron 3 hybrid models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemotron", "nemotron.*", "bench", "bench.*"]),
+    # torch is not pinned: a CPU machine installs its local CPU build first, a GPU machine keeps its own.
+    install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
+    extras_require={
+        # Triton 3.6's interpreter (the CPU test path) needs numpy < 2.3.
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "matplotlib", "safetensors", "numpy<2.3"],
+        "bench": ["matplotlib", "pytest-benchmark>=4"],
+        "cutlass": ["nvidia-cutlass", "cuda-python"],
+    },
+    entry_points={
+        "torch_dynamo_backends": ["nemotron = nemotron.graph.backend:nemotron_backend"],
+        "console_scripts": ["nemotron = nemotron.__main__:main"],
+    },
+)
