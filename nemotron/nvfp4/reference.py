@@ -95,7 +95,7 @@ def global_amax_reference(x: torch.Tensor) -> torch.Tensor:
 def global_scales(amax: torch.Tensor | None, global_scale: torch.Tensor | None):
     """(S_enc, S_dec) as fp32 0-dim tensors, from a tensor amax or a caller-given decode scale."""
     if global_scale is not None:
-        s_dec = global_scale.float().reshape(())
+        s_dec = global_scale.float().reshape(()).clone()
         return torch.ones_like(s_dec) / s_dec, s_dec
     amax = amax.float().reshape(())
     s_enc = torch.clamp(torch.full_like(amax, 2688.0) / amax, max=FLT_MAX)
@@ -163,8 +163,8 @@ def _as_tiles(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
     """View x [..., R, K] as [L, R, K] (1x16: [1, numel / K, K])."""
     k = x.shape[-1]
     if tile_rows == 1:
-        return x.reshape(1, -1, k)
-    return x.reshape(-1, x.shape[-2], k)
+        return x.reshape(1, x.numel() // k, k)
+    return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], k)
 
 
 def _block_reduce(t: torch.Tensor, tile_rows: int, op) -> torch.Tensor:
@@ -221,7 +221,7 @@ def dequantize_reference(codes: torch.Tensor, block_scales: torch.Tensor, global
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x = e2m1(code) * (fp32(block_scale) * global_scale), rounded once to ``dtype``."""
     c = codes.to(torch.int32)
-    v = torch.stack([e2m1_decode(c & 0xF), e2m1_decode(c >> 4)], dim=-1).reshape(*codes.shape[:-1], -1)
+    v = torch.stack([e2m1_decode(c & 0xF), e2m1_decode(c >> 4)], dim=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
     s = block_scales.float() * global_scale.float().reshape(())
     return (v * s.repeat_interleave(BLOCK, dim=-1)).to(dtype)
 

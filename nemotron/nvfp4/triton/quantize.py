@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import FLT_MAX, HADAMARD_SIGN_MASK
+from ..reference import FLT_MAX, HADAMARD_SIGN_MASK, global_scales
 
 # Tile sizes: BM rows x NB blocks of 16. BM is a multiple of 16 so a 16x16 tile never straddles programs.
 BM, NB, NUM_WARPS = 32, 8, 4
@@ -97,7 +97,8 @@ def _e2m1_decode(c):
     ex = m >> 1
     normal = (((ex + 126) << 23) | ((m & 1) << 22)).to(tl.float32, bitcast=True)
     v = tl.where(ex == 0, (m & 1).to(tl.float32) * 0.5, normal)
-    return tl.where(c >= 8, -v, v)
+    # OR in the sign bit: Triton's negation is 0 - v, which would turn code 8 (-0) into +0
+    return (v.to(tl.int32, bitcast=True) | ((c >> 3) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -249,14 +250,15 @@ def quantize(x: torch.Tensor, *, tile_rows: int, global_scale: torch.Tensor | No
     """Kernel twin of ``reference.quantize_reference``; same arguments and returns."""
     k = x.shape[-1]
     x2 = _rows(x)
-    rows = x.shape[-2] if tile_rows > 1 else x2.shape[0]
-    n_l = x2.shape[0] // rows if rows else 0
     codes = torch.empty(*x.shape[:-1], k // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(*x.shape[:-1], k // 16, dtype=torch.uint8, device=x.device)
+    if x.numel() == 0:
+        return codes, scales.view(torch.float8_e4m3fn), global_scales(x.new_zeros((), dtype=torch.float32), global_scale)[1]
     gs = torch.empty((), dtype=torch.float32, device=x.device)
     src = global_scale.float().reshape(()) if global_scale is not None else amax(x, hadamard=hadamard)
+    rows = x.shape[-2] if tile_rows > 1 else x2.shape[0]
     n_rb = triton.cdiv(rows, BM)
-    grid = (max(n_l * n_rb, 1), max(triton.cdiv(k // 16, NB), 1))
+    grid = (x2.shape[0] // rows * n_rb, triton.cdiv(k // 16, NB))
     _quantize_fwd_kernel[grid](
         x2, codes, scales, gs, src, seed, rows, k, n_rb, x2.stride(0),
         TILE_M=tile_rows, HAS_GLOBAL_SCALE=global_scale is not None, STOCHASTIC=stochastic,

@@ -1,0 +1,204 @@
+"""NVFP4 ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
+
+Dispatch (:func:`backend_for`): the Triton kernels for CUDA tensors, the reference for CPU tensors;
+``NEMOTRON_KERNELS=triton|reference`` overrides (``triton`` on CPU runs the kernels under Triton's
+interpreter, which ``import nemotron`` turns on when no GPU exists).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import _triton
+from . import reference as ref
+from .format import BLOCK_SHAPES, NVFP4Tensor
+from .triton import quantize as kernels
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("triton", "reference")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for a tensor, honouring ``NEMOTRON_KERNELS``."""
+    want = os.environ.get("NEMOTRON_KERNELS", "").strip().lower()
+    if want:
+        if want not in BACKENDS:
+            raise ValueError(f"NEMOTRON_KERNELS: expected one of {BACKENDS}, got {want!r}")
+        if want == "triton":
+            _triton.check_device("NEMOTRON_KERNELS=triton", t)
+        return want
+    if t.is_cuda and not _triton.interpreting():
+        return "triton"
+    return "reference"  # CPU tensors: the reference is the fast path there
+
+
+# ---- torch.library ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("nemotron::nvfp4_amax", mutates_args=())
+def _amax_op(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
+    if backend_for(x) == "triton":
+        return kernels.amax(x, hadamard=hadamard)
+    return ref.global_amax_reference(ref.hadamard_reference(x) if hadamard else x)
+
+
+@_amax_op.register_fake
+def _(x, hadamard):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("nemotron::nvfp4_quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], tile_rows: int, stochastic: bool,
+                 seed: int, hadamard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = dict(tile_rows=tile_rows, global_scale=global_scale, stochastic=stochastic, seed=seed, hadamard=hadamard)
+    impl = kernels.quantize if backend_for(x) == "triton" else ref.quantize_reference
+    codes, scales, gs = impl(x, **args)
+    return codes, scales.view(torch.uint8), gs  # E4M3 scales travel as their bytes (opcheck has no fp8 math)
+
+
+@_quantize_op.register_fake
+def _(x, global_scale, tile_rows, stochastic, seed, hadamard):
+    k = x.shape[-1]
+    return (x.new_empty(*x.shape[:-1], k // 2, dtype=torch.uint8),
+            x.new_empty(*x.shape[:-1], k // 16, dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("nemotron::nvfp4_dequantize", mutates_args=())
+def _dequantize_op(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    block_scales = block_scales.view(torch.float8_e4m3fn)
+    if backend_for(codes) == "triton":
+        return kernels.dequantize(codes, block_scales, global_scale, dtype)
+    return ref.dequantize_reference(codes, block_scales, global_scale, dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, block_scales, global_scale, dtype):
+    return codes.new_empty(*codes.shape[:-1], codes.shape[-1] * 2, dtype=dtype)
+
+
+@torch.library.custom_op("nemotron::hadamard16", mutates_args=())
+def _hadamard_op(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    if backend_for(x) == "triton":
+        return kernels.hadamard(x, inverse=inverse)
+    return ref.hadamard_reference(x, inverse=inverse)
+
+
+@_hadamard_op.register_fake
+def _(x, inverse):
+    return torch.empty_like(x)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def _check_input(name: str, x, *, min_dim: int = 1) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {x.device}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    if k == 0 or k % 16:
+        raise ValueError(f"{name}: the last dim K must be a positive multiple of 16, got {k}")
+    if x.numel() and (x.stride(-1) != 1 or not _flattens(x)):
+        raise ValueError(f"{name}: unsupported layout (strides {x.stride()}): the last dim must be contiguous and "
+                         "the leading dims must flatten without a copy; call .contiguous() first")
+
+
+def _flattens(x: torch.Tensor) -> bool:
+    try:
+        x.view(-1, x.shape[-1])
+        return True
+    except RuntimeError:
+        return False
+
+
+def _check_global_scale(global_scale, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if global_scale is None:
+        return None
+    if isinstance(global_scale, (int, float)):
+        global_scale = torch.tensor(float(global_scale), dtype=torch.float32, device=x.device)
+    if not isinstance(global_scale, torch.Tensor) or global_scale.numel() != 1:
+        raise ValueError(f"global_scale: expected a float or a one-element tensor (the decode scale S_dec), got {global_scale!r}")
+    if global_scale.device != x.device:
+        raise ValueError(f"global_scale: expected a tensor on {x.device}, got {global_scale.device}")
+    gs = global_scale.float().reshape(())
+    if not gs.is_cuda:  # on CUDA this check would cost a host sync; CUDA callers own the value
+        v = gs.item()
+        if not (v > 0 and v < float("inf")):
+            raise ValueError(f"global_scale: expected a positive finite decode scale, got {v}")
+    return gs
+
+
+def quantize(x: torch.Tensor, *, block_shape=(1, 16), global_scale=None, rounding: str = "nearest",
+             hadamard: bool = False, generator: Optional[torch.Generator] = None) -> NVFP4Tensor:
+    """Quantize ``x`` ``[..., K]`` (fp32/fp16/bf16, K a multiple of 16) to NVFP4.
+
+    Args:
+        x: the tensor; its last dim must be contiguous.
+        block_shape: ``(1, 16)`` (one E4M3 scale per 16 elements of K) or ``(16, 16)`` (one per
+            16x16 tile of the last two dims, replicated per row; needs ``x.dim() >= 2``).
+        global_scale: the decode scale S_dec (a float or one-element fp32 tensor, e.g. a static
+            ``input_scale``); default: ``amax(x) / 2688`` over the finite elements of x.
+        rounding: ``"nearest"`` (round-to-nearest-even, bit-identical to Transformer Engine) or
+            ``"stochastic"`` (unbiased; Philox bits seeded from ``generator``).
+        hadamard: first apply :func:`hadamard` (the RHT, rounded to x's dtype); fused in the kernel.
+        generator: seeds stochastic rounding (default: torch's global CPU generator).
+
+    Returns an :class:`NVFP4Tensor` with ``codes`` ``[..., K/2]``, ``block_scales`` ``[..., K/16]``
+    and the 0-dim ``global_scale``. Numerics and inf/NaN handling: ``nemotron/nvfp4/reference.py``.
+
+    Example::
+
+        >>> w = nemotron.nvfp4.quantize(torch.randn(256, 1024, dtype=torch.bfloat16), block_shape=(16, 16))
+        >>> w.dequantize(torch.bfloat16).shape
+        torch.Size([256, 1024])
+    """
+    block_shape = tuple(block_shape)
+    if block_shape not in BLOCK_SHAPES:
+        raise ValueError(f"block_shape: expected one of {BLOCK_SHAPES}, got {block_shape}")
+    _check_input("x", x, min_dim=2 if block_shape == (16, 16) else 1)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    gs = _check_global_scale(global_scale, x)
+    seed = 0
+    if rounding == "stochastic":
+        dev = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=dev).item())
+    codes, scales, s_dec = _quantize_op(x, gs, block_shape[0], rounding == "stochastic", seed, hadamard)
+    return NVFP4Tensor(codes, scales.view(torch.float8_e4m3fn), s_dec, block_shape)
+
+
+def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``e2m1(t.codes) * fp32(t.block_scales) * t.global_scale`` as ``dtype``, shape ``t.shape``."""
+    if not isinstance(t, NVFP4Tensor):
+        raise TypeError(f"t: expected an NVFP4Tensor, got {type(t).__name__}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    return _dequantize_op(t.codes.contiguous(), t.block_scales.contiguous().view(torch.uint8), t.global_scale, dtype)
+
+
+def hadamard(x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """The 16-point random Hadamard transform of each consecutive 16-element block of the last dim.
+
+    ``y_blk = x_blk @ (diag(s) @ H16 / 4)``: H16 the Sylvester Hadamard matrix (entries +-1), s
+    Transformer Engine's fixed sign vector ``reference.HADAMARD_SIGNS`` (mask 0xD7E8). The matrix is
+    orthonormal, so ``hadamard(hadamard(x), inverse=True) == x`` up to rounding; ``inverse=True``
+    applies the transpose ``H16 @ diag(s) / 4``. fp32 math, result in ``x.dtype``; x ``[..., K]``,
+    K a multiple of 16.
+    """
+    _check_input("x", x)
+    return _hadamard_op(x, inverse)
+
+
+def global_amax(x: torch.Tensor, *, hadamard: bool = False) -> torch.Tensor:
+    """max |x| over the finite elements (of ``hadamard(x)`` when asked), fp32 0-dim; 0 if none."""
+    _check_input("x", x)
+    return _amax_op(x, hadamard)
