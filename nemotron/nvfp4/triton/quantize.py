@@ -142,7 +142,9 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
         s_dec = b_v
         s_enc = tl.div_rn(1.0 + 0.0 * b_v, b_v)
     else:
-        s_enc = tl.minimum(tl.div_rn(2688.0 + 0.0 * b_v, b_v), FLT_MAX)
+        # (divisors of 0 are swapped for 1 and the result fixed up after, which keeps the
+        # interpreter's numpy quiet and changes no value)
+        s_enc = tl.minimum(tl.div_rn(2688.0 + 0.0 * b_v, tl.where(b_v == 0.0, 1.0, b_v)), FLT_MAX)
         s_enc = tl.where((b_v == 0.0) | (s_enc == 0.0), 1.0, s_enc)
         s_dec = tl.div_rn(1.0 + 0.0 * s_enc, s_enc)
     if (i_p == 0) & (i_k == 0):
@@ -163,7 +165,9 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
 
     b_s = _e4m3_encode(b_bmax * (s_enc * 0.1666666716337204))          # fp32(1/6)
     b_s = tl.where(b_bnan > 0, 0x7F, b_s)                               # [BM, NB]
-    b_inv = tl.minimum(tl.div_rn(tl.full((BM, NB), 1.0, tl.float32), _e4m3_decode(b_s) * s_dec), FLT_MAX)
+    b_den = _e4m3_decode(b_s) * s_dec
+    b_inv = tl.minimum(tl.div_rn(tl.full((BM, NB), 1.0, tl.float32), tl.where(b_den == 0.0, 1.0, b_den)), FLT_MAX)
+    b_inv = tl.where(b_den == 0.0, FLT_MAX, b_inv)                      # 1/0 = inf, clamped
     b_y = tl.abs(b_x * b_inv[:, :, None])                               # [BM, NB, 16]
 
     o_b = i_k * NB + tl.arange(0, NB)

@@ -1,0 +1,92 @@
+"""Command line: ``python -m nemotron demo`` (or the ``nemotron`` console script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import nemotron  # noqa: F401  (chooses Triton's interpreter before triton is imported)
+
+# (label, block rows, rounding, hadamard): every NVFP4 quantize path
+PATHS = [
+    ("1x16 nearest", 1, "nearest", False),
+    ("1x16 stochastic", 1, "stochastic", False),
+    ("16x16 nearest", 16, "nearest", False),
+    ("16x16 stochastic", 16, "stochastic", False),
+    ("RHT + 1x16 nearest", 1, "nearest", True),
+    ("RHT + 1x16 stochastic", 1, "stochastic", True),
+]
+
+
+def _time_ms(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def demo(argv=None) -> int:
+    from nemotron.nvfp4 import reference as ref
+    from nemotron.nvfp4.triton import quantize as kernels
+    from nemotron import _triton
+
+    p = argparse.ArgumentParser(prog="nemotron demo", description="Quantize a tensor through every NVFP4 path.")
+    p.add_argument("--rows", type=int, default=None, help="rows of the test tensor (default 8192 on GPU, 96 on CPU)")
+    p.add_argument("--cols", type=int, default=None, help="K, a multiple of 16 (default 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    gpu = not _triton.interpreting()
+    dev = torch.device("cuda" if gpu else "cpu")
+    rows, cols = a.rows or (8192 if gpu else 96), a.cols or (4096 if gpu else 1024)
+
+    g = torch.Generator().manual_seed(a.seed)
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(2 * torch.rand(rows, 1, generator=g))  # per-row spread
+    x.view(-1)[torch.randint(x.numel(), (8,), generator=g)] *= 20                            # outliers
+    x = x.to(torch.bfloat16)
+    xd = x.to(dev)
+    x32 = x.float()
+    where = f"GPU: {torch.cuda.get_device_name()}" if gpu else "CPU: Triton kernels under the interpreter (no bandwidth)"
+    print(f"NVFP4 demo: x = bf16 [{rows}, {cols}], {where}")
+    print(f"{'path':24s} {'rel RMS err (ref)':>18s} {'kernel == ref':>14s}" + (f" {'kernel GB/s':>12s}" if gpu else ""))
+    ok = True
+    for label, tile, rounding, had in PATHS:
+        args = dict(tile_rows=tile, global_scale=None, stochastic=rounding == "stochastic", seed=a.seed, hadamard=had)
+        want = ref.quantize_reference(x, **args)
+        got = kernels.quantize(xd, **args)
+        same = all(torch.equal(u.cpu().reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+                   for u, w in zip(got, want))
+        ok &= same
+        xq = ref.dequantize_reference(*want)
+        if had:  # compare in the original basis: undo the (orthonormal) transform
+            xq = ref.hadamard_reference(xq, inverse=True)
+        line = f"{label:24s} {ref.qdq_error(x32, xq):18.4f} {str(same):>14s}"
+        if gpu:
+            ms = _time_ms(lambda: kernels.quantize(xd, **args))
+            # amax pass reads x (2 B/elt), quantize pass reads x again and writes 0.5 + 1/16 B/elt
+            line += f" {x.numel() * (2 + 2 + 0.5625) / ms / 1e6:12.1f}"
+        print(line)
+    ydq = kernels.dequantize(*[t.to(dev) for t in ref.quantize_reference(x)], torch.bfloat16)
+    same = torch.equal(ydq.cpu(), ref.dequantize_reference(*ref.quantize_reference(x), torch.bfloat16))
+    ok &= same
+    print(f"{'dequantize -> bf16':24s} {'':18s} {str(same):>14s}")
+    print("all kernel outputs byte-identical to the FP32 reference" if ok else "MISMATCH between kernel and reference")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": demo}
+    if not argv or argv[0] not in commands:
+        print(f"usage: nemotron {{{','.join(commands)}}} [options]   (see nemotron <command> --help)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
