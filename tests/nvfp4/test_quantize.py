@@ -89,9 +89,8 @@ def test_amax_kernel_matches_reference(kernel_device, inp, hadamard):
 
 
 @given(inp=nvfp4_inputs(min_dim=2), tile=st.sampled_from([1, 16]), seed=seeds)
-def test_fused_hadamard_equals_hadamard_then_quantize(inp, tile, seed):
-    x, _ = inp
-    for impl in (kernels.quantize, ref.quantize_reference):
+def test_fused_hadamard_equals_hadamard_then_quantize(kernel_device, inp, tile, seed):
+    for impl, x in ((kernels.quantize, inp[0].to(kernel_device)), (ref.quantize_reference, inp[0])):
         fused = impl(x, tile_rows=tile, global_scale=None, stochastic=False, seed=seed, hadamard=True)
         split = impl(nvfp4.hadamard(x), tile_rows=tile, global_scale=None, stochastic=False, seed=seed, hadamard=False)
         for f, s in zip(fused, split):
