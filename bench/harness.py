@@ -41,7 +41,6 @@ class BenchOp:
     bytes: Callable
     flops: Callable = lambda shape: 0
     verify: Callable | None = None
-    bound: str = "memory"              # which roofline: "memory" or "compute"
 
 
 def device_info(device: torch.device) -> dict:
@@ -133,11 +132,13 @@ def run(op: BenchOp, shape_set: str, device: torch.device, *, impls: Sequence[st
             ms = timing[n]["median_ms"]
             gbps = nbytes / (ms * 1e6)
             tflops = flops / (ms * 1e9) if flops else None
-            pct = 100 * (gbps / roof["copy_gbps"] if op.bound == "memory" else (tflops or 0) / roof["bf16_tflops"])
+            # roofline time: the larger of moving the bytes at copy bandwidth and doing the FLOPs at matmul rate
+            floor_ms = max(nbytes / (roof["copy_gbps"] * 1e6), flops / (roof["bf16_tflops"] * 1e9))
+            pct = 100 * floor_ms / ms
             ratios = {f"vs_{p}": timing[p]["median_ms"] / ms for p in op.peers if p in timing and p != n}
             rows.append(dict(impl=n, shape=list(shape), **timing[n], gbps=gbps, tflops=tflops,
                              pct_roofline=pct, matches_reference=n not in differ, **ratios))
-    return dict(kernel=op.name, shape_set=shape_set, device=info, roofline=roof, bound=op.bound,
+    return dict(kernel=op.name, shape_set=shape_set, device=info, roofline=roof,
                 cpu_numbers=device.type != "cuda", rows=rows,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 

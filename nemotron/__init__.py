@@ -4,5 +4,7 @@ torch.compile backend for Nemotron 3 hybrid models.
 Without a CUDA device, importing the package turns on Triton's interpreter (see ``nemotron._triton``).
 """
 from . import _triton  # noqa: F401  (must run before triton is imported)
+from .nvfp4 import quantize_
 
 __version__ = "0.1.0"
+__all__ = ["quantize_"]

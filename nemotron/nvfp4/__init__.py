@@ -1,10 +1,10 @@
 """NVFP4: the 4-bit format (E2M1 values, E4M3 scales per 16 elements, an fp32 global scale), its
-reference, the 16-point random Hadamard transform, and Triton quantize/dequantize kernels.
-
-Later: the block-scaled FP4 GEMM and the NVFP4 / FP8 linear layers.
+reference, the 16-point random Hadamard transform, Triton quantize/dequantize kernels, the Hopper
+FP4 GEMM (W4A16 and emulated W4A4), and NVFP4 / FP8 linear layers with ModelOpt names.
 """
 from .format import NVFP4Tensor, swizzle_block_scales, unswizzle_block_scales
-from .ops import dequantize, global_amax, hadamard, quantize
+from .linear import FP8Linear, NVFP4Linear, quantize_
+from .ops import dequantize, fp8_linear, global_amax, hadamard, linear, quantize
 
-__all__ = ["NVFP4Tensor", "quantize", "dequantize", "hadamard", "global_amax",
-           "swizzle_block_scales", "unswizzle_block_scales"]
+__all__ = ["NVFP4Tensor", "quantize", "dequantize", "hadamard", "global_amax", "linear", "fp8_linear",
+           "NVFP4Linear", "FP8Linear", "quantize_", "swizzle_block_scales", "unswizzle_block_scales"]

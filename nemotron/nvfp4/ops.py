@@ -14,6 +14,7 @@ import torch
 from .. import _triton
 from . import reference as ref
 from .format import BLOCK_SHAPES, NVFP4Tensor
+from .triton import gemm as gemm_kernels
 from .triton import quantize as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,6 +90,55 @@ def _hadamard_op(x: torch.Tensor, inverse: bool) -> torch.Tensor:
 @_hadamard_op.register_fake
 def _(x, inverse):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("nemotron::nvfp4_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], act_quant: bool, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    k, n = x.shape[-1], codes.shape[0]
+    if backend_for(x) != "triton":
+        return ref.linear_reference(x, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias,
+                                    act_quant=act_quant, input_scale=input_scale)
+    x2 = x.reshape(-1, k)
+    if act_quant:
+        xc, xs, xg = kernels.quantize(x2, tile_rows=1, global_scale=input_scale, stochastic=False, seed=0,
+                                      hadamard=False)
+        out = gemm_kernels.gemm(xc, codes, block_scales, global_scale, bias, x_scales=xs.view(torch.uint8),
+                                x_gs=xg, out_dtype=x.dtype)
+    else:
+        out = gemm_kernels.gemm(x2, codes, block_scales, global_scale, bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@_linear_op.register_fake
+def _(x, codes, block_scales, global_scale, bias, act_quant, input_scale):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def _scaled_mm_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+@torch.library.custom_op("nemotron::fp8_linear", mutates_args=())
+def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if not _scaled_mm_ok(x) or os.environ.get("NEMOTRON_KERNELS", "").strip().lower() == "reference":
+        return ref.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if input_scale is None:  # dynamic per-tensor scale, computed on the device (no host sync)
+        input_scale = (x2.float().abs().amax() / ref.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    xq = ref.fp8_quantize_reference(x2, input_scale)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=input_scale.float().reshape(()),
+                           scale_b=weight_scale.float().reshape(()), out_dtype=torch.float32)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@_fp8_linear_op.register_fake
+def _(x, weight, weight_scale, input_scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -202,3 +252,79 @@ def global_amax(x: torch.Tensor, *, hadamard: bool = False) -> torch.Tensor:
     """max |x| over the finite elements (of ``hadamard(x)`` when asked), fp32 0-dim; 0 if none."""
     _check_input("x", x)
     return _amax_op(x, hadamard)
+
+
+def _check_bias(bias, n: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
+        raise ValueError(f"bias: expected a tensor of shape [{n}], got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias.device != x.device or bias.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"bias: expected a float tensor on {x.device}, got {bias.dtype} on {bias.device}")
+
+
+def linear(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.Tensor] = None, *,
+           act_quant: Optional[str] = None, input_scale=None) -> torch.Tensor:
+    """``x @ dequantize(w).T (+ bias)`` with an NVFP4 weight, in x's dtype.
+
+    Args:
+        x: ``[..., K]`` bf16 / fp16 / fp32, last dim contiguous.
+        w: :class:`NVFP4Tensor` ``[N, K]`` (1x16 or 16x16 blocks), on x's device.
+        bias: ``[N]`` or None.
+        act_quant: None (W4A16: x stays in its dtype) or ``"nvfp4"`` (W4A4: x is first quantized to
+            NVFP4 1x16 and dequantized, the numerics of a Blackwell NVFP4 GEMM, emulated).
+        input_scale: with ``act_quant="nvfp4"``, the static activation decode scale (ModelOpt's
+            ``input_scale``); None takes x's own amax.
+
+    Returns ``[..., N]`` in x's dtype. On CUDA a Triton GEMM expands the packed weights in registers
+    (0.5625 B read per weight); on CPU the fp32 reference runs. Equal to the reference up to fp32
+    accumulation order.
+
+    Example::
+
+        >>> w = nemotron.nvfp4.quantize(torch.randn(256, 512))
+        >>> y = nemotron.nvfp4.linear(torch.randn(4, 512), w)        # [4, 256]
+    """
+    _check_input("x", x)
+    if not isinstance(w, NVFP4Tensor):
+        raise TypeError(f"w: expected an NVFP4Tensor, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"w: expected a 2-D [N, K] NVFP4Tensor, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dim {x.shape[-1]} does not match w's K = {k}")
+    if w.device != x.device:
+        raise ValueError(f"w: expected it on x's device {x.device}, got {w.device}")
+    _check_bias(bias, n, x)
+    if act_quant not in (None, "nvfp4"):
+        raise ValueError(f"act_quant: expected None or 'nvfp4', got {act_quant!r}")
+    if input_scale is not None and act_quant is None:
+        raise ValueError("input_scale: only meaningful with act_quant='nvfp4'")
+    gs = _check_global_scale(input_scale, x) if input_scale is not None else None
+    if gs is not None:
+        gs = gs.reshape(())
+    return _linear_op(x, w.codes.contiguous(), w.block_scales.contiguous().view(torch.uint8), w.global_scale,
+                      bias, act_quant == "nvfp4", gs)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 per-tensor FP8 linear (ModelOpt FP8 layout): ``weight`` float8_e4m3fn ``[N, K]``,
+    ``weight_scale`` / ``input_scale`` fp32 scalars (decode scales; ``input_scale`` None = dynamic
+    ``amax(x) / 448``). ``torch._scaled_mm`` on sm_89+ GPUs, the fp32 reference elsewhere."""
+    _check_input("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise TypeError(f"weight: expected a 2-D torch.float8_e4m3fn tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dim {x.shape[-1]} does not match weight's K = {k}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected it on x's device {x.device}, got {weight.device}")
+    for name, sc in (("weight_scale", weight_scale), ("input_scale", input_scale)):
+        if sc is not None and (not isinstance(sc, torch.Tensor) or sc.numel() != 1 or sc.device != x.device):
+            raise ValueError(f"{name}: expected a one-element tensor on {x.device}")
+    _check_bias(bias, n, x)
+    return _fp8_linear_op(x, weight.contiguous(), weight_scale.float().reshape(()),
+                          None if input_scale is None else input_scale.float().reshape(()), bias)

@@ -232,3 +232,44 @@ def qdq_error(x: torch.Tensor, xq: torch.Tensor) -> float:
     m = torch.isfinite(x64)
     den = x64[m].norm().item()
     return (x64[m] - q64[m]).norm().item() / den if den > 0 else math.nan
+
+
+def linear_reference(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None, *, act_quant: bool = False,
+                     input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ dequantize(w)[N, K].T (+ bias)`` in fp32, returned in x's dtype.
+
+    ``act_quant``: x is first quantized to NVFP4 (1x16; ``input_scale`` as its static global scale,
+    else its own amax) and dequantized: W4A4, the numerics of a native NVFP4 GEMM.
+    """
+    k = x.shape[-1]
+    if act_quant:
+        x32 = dequantize_reference(*quantize_reference(x, global_scale=input_scale))
+    else:
+        x32 = x.float()
+    out = x32.reshape(-1, k) @ dequantize_reference(codes, block_scales, global_scale).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
+
+
+FP8_MAX = 448.0
+
+
+def fp8_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP8 E4M3: ``rn_satfinite(x / scale)`` as float8_e4m3fn (scale is the decode scale)."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 per-tensor FP8 (ModelOpt FP8): x quantized with ``input_scale`` (dynamic amax/448 when
+    None), ``(xq * s_x) @ (w * s_w).T (+ bias)`` in fp32, returned in x's dtype."""
+    k = x.shape[-1]
+    if input_scale is None:
+        input_scale = (x.float().abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    xq = fp8_quantize_reference(x, input_scale).float() * input_scale.float()
+    out = xq.reshape(-1, k) @ (weight.float() * weight_scale.float()).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
