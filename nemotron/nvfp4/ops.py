@@ -122,6 +122,7 @@ def _scaled_mm_ok(x: torch.Tensor) -> bool:
 @torch.library.custom_op("nemotron::fp8_linear", mutates_args=())
 def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    weight = weight.view(torch.float8_e4m3fn)  # travels as its bytes, like the NVFP4 scales
     if not _scaled_mm_ok(x) or os.environ.get("NEMOTRON_KERNELS", "").strip().lower() == "reference":
         return ref.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
     k, n = x.shape[-1], weight.shape[0]
@@ -326,5 +327,5 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         if sc is not None and (not isinstance(sc, torch.Tensor) or sc.numel() != 1 or sc.device != x.device):
             raise ValueError(f"{name}: expected a one-element tensor on {x.device}")
     _check_bias(bias, n, x)
-    return _fp8_linear_op(x, weight.contiguous(), weight_scale.float().reshape(()),
+    return _fp8_linear_op(x, weight.contiguous().view(torch.uint8), weight_scale.float().reshape(()),
                           None if input_scale is None else input_scale.float().reshape(()), bias)
