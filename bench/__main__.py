@@ -6,11 +6,8 @@ import sys
 
 import nemotron  # noqa: F401  (chooses Triton's interpreter before triton is imported)
 
-from . import harness, nvfp4
-
-
-def registry() -> dict:
-    return dict(nvfp4.ops())
+from . import harness
+from .registry import registry
 
 
 def main(argv=None) -> int:

@@ -151,13 +151,14 @@ def print_table(doc: dict) -> None:
     print(head)
     print(f"roofline measured now: copy {r['copy_gbps']:.1f} GB/s, bf16 matmul {r['bf16_tflops']:.2f} TFLOP/s")
     peers = sorted({k for row in doc["rows"] for k in row if k.startswith("vs_")})
-    print(f"{'shape':>16s} {'impl':>22s} {'median ms':>10s} {'p20-p80 ms':>16s} {'GB/s':>9s} {'% roof':>7s} "
+    print(f"{'shape':>16s} {'impl':>22s} {'median ms':>10s} {'p20-p80 ms':>16s} {'GB/s':>9s} {'TFLOP/s':>8s} {'% roof':>7s} "
           + " ".join(f"{p:>12s}" for p in peers))
     for row in doc["rows"]:
         ratios = " ".join(f"{row[p]:11.2f}x" if p in row else f"{'':12s}" for p in peers)
         impl = row["impl"] + ("" if row.get("matches_reference", True) else "*")
         print(f"{'x'.join(map(str, row['shape'])):>16s} {impl:>22s} {row['median_ms']:10.4f} "
-              f"{row['p20_ms']:7.4f}-{row['p80_ms']:<8.4f} {row['gbps']:9.1f} {row['pct_roofline']:6.1f}% {ratios}")
+              f"{row['p20_ms']:7.4f}-{row['p80_ms']:<8.4f} {row['gbps']:9.1f} {row['tflops'] or 0:8.2f} "
+              f"{row['pct_roofline']:6.1f}% {ratios}")
     if any(not row.get("matches_reference", True) for row in doc["rows"]):
         print("* this peer's output differs from the reference (timed anyway)")
 

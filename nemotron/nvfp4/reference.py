@@ -253,6 +253,21 @@ def linear_reference(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.T
     return out.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
 
+def gemm_tolerance(x32: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None, want: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |kernel - reference| for ``x @ w.T (+ bias)`` rounded to ``want.dtype``.
+
+    Both sum K exact fp32 products (NVFP4 values and bf16/fp16 inputs are exact in the MMA dtype and
+    their products exact in fp32) in different orders, then scale, add the bias and round once:
+    ``2 * gamma_{K+3} * (|x| @ |w|.T + |b|) + 1 ulp`` with gamma_n = n * 2^-24.
+    """
+    gamma = (x32.shape[-1] + 3) * 2.0 ** -24
+    s = x32.abs().double() @ w32.abs().double().T
+    if bias is not None:
+        s = s + bias.abs().double()
+    fi = torch.finfo(want.dtype)
+    return 2 * gamma * s + fi.eps * want.double().abs() + fi.tiny
+
+
 FP8_MAX = 448.0
 
 

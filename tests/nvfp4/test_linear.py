@@ -14,19 +14,6 @@ from nemotron.nvfp4.triton import quantize as q_kernels
 from ..strategies import seeds
 
 
-def _tolerance(x32: torch.Tensor, w32: torch.Tensor, bias, want: torch.Tensor) -> torch.Tensor:
-    """Kernel and reference both sum K exact fp32 products (e2m1*e4m3 and x are exact in the MMA
-    dtype, their products exact in fp32) in different orders, then scale, add bias and round to the
-    output dtype: |diff| <= 2 * gamma_{K+3} * (|x| @ |w|.T + |b|) + 1 ulp of the output."""
-    k = x32.shape[-1]
-    gamma = (k + 3) * 2.0 ** -24
-    s = x32.abs().double() @ w32.abs().double().T
-    if bias is not None:
-        s = s + bias.abs().double()
-    eps = torch.finfo(want.dtype).eps
-    return 2 * gamma * s + eps * want.double().abs() + torch.finfo(want.dtype).tiny
-
-
 def _check(got, want, tol):
     diff = (got.double() - want.double()).abs()
     bad = diff > tol
@@ -64,7 +51,7 @@ def test_gemm_kernel_matches_reference(kernel_device, m, n, k, dtype, with_bias,
         got = gemm_kernels.gemm(x.to(d), *args)
         x32 = x.float()
     assert got.dtype == dtype and got.shape == (m, n)
-    _check(got.cpu(), want, _tolerance(x32, w.dequantize(), b, want))
+    _check(got.cpu(), want, ref.gemm_tolerance(x32, w.dequantize(), b, want))
 
 
 @given(m=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]), w4a4=st.booleans(), seed=seeds)
@@ -75,7 +62,7 @@ def test_public_linear_matches_reference(m, dtype, w4a4, seed):
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, b, act_quant=w4a4)
     assert got.shape == (m, 1, 48)
     x32 = ref.dequantize_reference(*ref.quantize_reference(x)) if w4a4 else x.float()
-    _check(got.reshape(m, 48), want.reshape(m, 48), _tolerance(x32.reshape(m, 96), w.dequantize(), b, want.reshape(m, 48)))
+    _check(got.reshape(m, 48), want.reshape(m, 48), ref.gemm_tolerance(x32.reshape(m, 96), w.dequantize(), b, want.reshape(m, 48)))
 
 
 def test_w4a4_differs_from_w4a16():
@@ -201,7 +188,7 @@ def test_gpu_gemm_nemotron_shapes(m, n, k):
     x, w, b = _make(m, n, k, torch.bfloat16, False, m)
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale)
     got = nvfp4.linear(x.cuda(), w.to("cuda"))
-    _check(got.cpu(), want, _tolerance(x.float(), w.dequantize(), None, want))
+    _check(got.cpu(), want, ref.gemm_tolerance(x.float(), w.dequantize(), None, want))
 
 
 @pytest.mark.gpu
@@ -210,5 +197,5 @@ def test_gpu_fp8_linear_uses_scaled_mm_and_matches():
     m = FP8Linear.from_linear(lin, input_scale=0.01)
     x = torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16)
     want = ref.fp8_linear_reference(x.cpu(), m.weight.cpu(), m.weight_scale.cpu(), m.input_scale.cpu(), m.bias.cpu())
-    _check(m(x).cpu(), want, _tolerance(ref.fp8_quantize_reference(x.cpu(), m.input_scale.cpu()).float() * 0.01,
+    _check(m(x).cpu(), want, ref.gemm_tolerance(ref.fp8_quantize_reference(x.cpu(), m.input_scale.cpu()).float() * 0.01,
                                         m.weight.cpu().float() * m.weight_scale.cpu(), m.bias.cpu(), want))

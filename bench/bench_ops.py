@@ -1,4 +1,4 @@
-"""pytest-benchmark view of the NVFP4 benchmarks (the same ops as ``python -m bench``).
+"""pytest-benchmark view of every benchmark op (the same ops as ``python -m bench``).
 
 ``pytest bench/ --benchmark-only`` times them (each call synchronized); CI runs this file with
 ``--benchmark-disable`` so a broken benchmark fails the build.
@@ -6,9 +6,10 @@
 import pytest
 import torch
 
-from bench import harness, nvfp4
+from bench import harness
+from bench.registry import registry
 
-OPS = nvfp4.ops()
+OPS = registry()
 DEVICE = harness.env_device()
 SHAPE_SET = "nemotron" if DEVICE.type == "cuda" else "smoke"
 
@@ -27,5 +28,6 @@ def test_benchmark(benchmark, op_name, impl):
 
     out = benchmark(call)
     assert out is not None
-    if op.verify is not None:   # the gate of the runner: our kernels equal the reference
-        op.verify(args, {impl: out, "torch": op.impls["torch"](*args)})
+    if op.verify is not None and impl.startswith("triton"):   # the runner's gate: our kernels match the reference
+        peers = {p: op.impls[p](*args) for p in op.peers if p in op.impls}
+        op.verify(args, {impl: out, **peers})

@@ -1,0 +1,82 @@
+"""NVFP4 linear (Hopper FP4 GEMM) against cuBLAS bf16 and dequantize-then-cuBLAS.
+
+Shapes: the Nemotron 3 Super linears, (M, N, K) with M the tokens. Traffic model: x (2 B/elt) +
+NVFP4 weight (0.5625 B/elt) + out (2 B/elt); work 2*M*N*K. At small M the GEMM is bound by the
+weight bytes (ideal 16/4.5 = 3.56x over bf16); at large M by the MMAs.
+"""
+from __future__ import annotations
+
+import torch
+
+import nemotron.nvfp4 as nvfp4
+from nemotron.nvfp4 import reference as ref
+from nemotron.nvfp4.triton import gemm as gemm_kernels
+from nemotron.nvfp4.triton import quantize as q_kernels
+
+from .harness import BenchOp
+
+# (N, K): in_proj 4096->18560, out_proj 8192->4096, shared expert up/down, lm_head, routed expert up/down
+SUPER_LINEARS = [(18560, 4096), (4096, 8192), (5376, 4096), (4096, 5376), (131072, 4096), (2688, 1024), (1024, 2688)]
+M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
+SHAPES = {
+    "nemotron": [(m, n, k) for n, k in SUPER_LINEARS for m in M_VALUES],
+    "sweep": [(m, 18560, 4096) for m in M_VALUES],
+    "smoke": [(3, 64, 128), (40, 48, 96)],
+}
+VERIFY_ROWS = 64
+
+
+def _inputs(shape, device, seed):
+    m, n, k = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+    w = nvfp4.quantize(torch.randn(n, k, device=device, generator=g) * 0.02)
+    w_bf16 = w.dequantize(torch.bfloat16)
+    input_scale = (ref.global_amax_reference(x) / 2688).clamp(min=1e-30)
+    return x, w, w_bf16, input_scale
+
+
+def _w4a16(x, w, w_bf16, input_scale):
+    return gemm_kernels.gemm(x, w.codes, w.block_scales.view(torch.uint8), w.global_scale)
+
+
+def _w4a4(x, w, w_bf16, input_scale):
+    xc, xs, xg = q_kernels.quantize(x, tile_rows=1, global_scale=input_scale, stochastic=False, seed=0, hadamard=False)
+    return gemm_kernels.gemm(xc, w.codes, w.block_scales.view(torch.uint8), w.global_scale,
+                             x_scales=xs.view(torch.uint8), x_gs=xg, out_dtype=x.dtype)
+
+
+def _dequant_then_mm(x, w, w_bf16, input_scale):
+    wd = q_kernels.dequantize(w.codes, w.block_scales, w.global_scale, torch.bfloat16)
+    return x @ wd.T
+
+
+def _verify(args, outs):
+    """Our kernels within the accumulation-order bound of the fp32 reference (first rows); peers too."""
+    x, w, _, input_scale = args
+    rows = slice(0, VERIFY_ROWS)
+    w32 = w.dequantize()
+    differ = []
+    for name, out in outs.items():
+        a4 = name == "triton_w4a4"
+        xr = x[rows]
+        want = ref.linear_reference(xr, w.codes, w.block_scales, w.global_scale, act_quant=a4,
+                                    input_scale=input_scale if a4 else None)
+        x32 = ref.dequantize_reference(*ref.quantize_reference(xr, global_scale=input_scale)) if a4 else xr.float()
+        ok = bool(((out[rows].double() - want.double()).abs() <= ref.gemm_tolerance(x32, w32, None, want)).all())
+        if not ok:
+            if name.startswith("triton"):
+                raise AssertionError(f"{name}: outside the reference's tolerance; not timing a wrong kernel")
+            differ.append(name)
+    return differ
+
+
+def ops() -> dict:
+    op = BenchOp(
+        name="nvfp4_linear", shapes=SHAPES, make_inputs=_inputs,
+        impls={"triton_w4a16": _w4a16, "triton_w4a4": _w4a4,
+               "cublas_bf16": lambda x, w, w_bf16, s: x @ w_bf16.T, "dequant_cublas": _dequant_then_mm},
+        peers=("cublas_bf16", "dequant_cublas"),
+        bytes=lambda s: s[0] * s[2] * 2 + s[1] * s[2] * 0.5625 + s[0] * s[1] * 2,
+        flops=lambda s: 2 * s[0] * s[1] * s[2], verify=_verify)
+    return {op.name: op}

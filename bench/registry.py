@@ -1,0 +1,6 @@
+"""Every benchmark op, by name (the runner and the pytest-benchmark view read this one table)."""
+from . import nvfp4, nvfp4_gemm
+
+
+def registry() -> dict:
+    return {**nvfp4.ops(), **nvfp4_gemm.ops()}
