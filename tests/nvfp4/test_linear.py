@@ -54,6 +54,17 @@ def test_gemm_kernel_matches_reference(kernel_device, m, n, k, dtype, with_bias,
     _check(got.cpu(), want, ref.gemm_tolerance(x32, w.dequantize(), b, want))
 
 
+def test_persistent_grid_covers_every_tile(kernel_device, monkeypatch):
+    """Fewer programs than output tiles: each program walks several tiles (grouped order)."""
+    monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 1)            # 2 programs
+    x, w, b = _make(300, 272, 64, torch.float32, True, 5)                       # 3 x 3 tiles of 128
+    got = gemm_kernels.gemm(x.to(kernel_device), w.codes.to(kernel_device),
+                            w.block_scales.view(torch.uint8).to(kernel_device), w.global_scale.to(kernel_device),
+                            b.to(kernel_device))
+    want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, b)
+    _check(got.cpu(), want, ref.gemm_tolerance(x.float(), w.dequantize(), b, want))
+
+
 @given(m=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]), w4a4=st.booleans(), seed=seeds)
 def test_public_linear_matches_reference(m, dtype, w4a4, seed):
     x, w, b = _make(m, 48, 96, dtype, True, seed)

@@ -11,7 +11,8 @@ the quantize kernel) and is expanded the same way: the numerics of a Blackwell N
 
 Two shape classes share one kernel: few rows (M <= 64: a 16..64-row tile, split-K over programs so
 every weight byte is read once and the GPU is filled; fp32 partials reduced in a fixed order), and
-many rows (128x128 tiles, grouped launch order for L2 reuse, software-pipelined K loop).
+many rows (persistent: 2 programs per SM walk 128x128 output tiles in grouped order for L2 reuse,
+software-pipelined K loop).
 """
 from __future__ import annotations
 
@@ -58,44 +59,46 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     i_p, i_s = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    # grouped launch order: GROUP_M row tiles walk the N tiles together, so weight tiles hit L2
-    i_g = i_p // (GROUP_M * n_n)
-    first_m = i_g * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    i_m = first_m + (i_p % (GROUP_M * n_n)) % size_m
-    i_n = (i_p % (GROUP_M * n_n)) // size_m
-
-    o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
-    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
-    m_m, m_n = o_m < M, o_n < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = i_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k in range(k_lo, k_hi, BK):
-        if X_FP4:
-            b_x = _fp4_tile(x_ptr, xs_ptr, o_m, m_m, k, K, BM, BK).to(DOT_DTYPE)            # [BM, BK]
-        else:
-            o_k = k + tl.arange(0, BK)
-            b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :],
-                          mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-        b_w = _fp4_tile(w_ptr, ws_ptr, o_n, m_n, k, K, BN, BK).to(DOT_DTYPE)                 # [BN, BK]
-        if IEEE:
-            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(b_x, tl.trans(b_w), acc)
+    # persistent: each program walks output tiles with a stride of the grid size
+    for t in range(i_p, n_m * n_n, tl.num_programs(0)):
+        # grouped order: GROUP_M row tiles walk the N tiles together, so weight tiles hit L2
+        i_g = t // (GROUP_M * n_n)
+        first_m = i_g * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        i_m = first_m + (t % (GROUP_M * n_n)) % size_m
+        i_n = (t % (GROUP_M * n_n)) // size_m
 
-    if SPLIT_K == 1:
-        acc = acc * tl.load(gs_ptr)
-        if X_FP4:
-            acc = acc * tl.load(xgs_ptr)
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :]
-        tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-    else:
-        # fp32 partial sums [SPLIT_K, M, N], reduced by the launcher in a fixed order
-        p_o = out_ptr + i_s * M * N + o_m[:, None] * N + o_n[None, :]
-        tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
+        o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+        o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+        m_m, m_n = o_m < M, o_n < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(k_lo, k_hi, BK):
+            if X_FP4:
+                b_x = _fp4_tile(x_ptr, xs_ptr, o_m, m_m, k, K, BM, BK).to(DOT_DTYPE)            # [BM, BK]
+            else:
+                o_k = k + tl.arange(0, BK)
+                b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :],
+                              mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
+            b_w = _fp4_tile(w_ptr, ws_ptr, o_n, m_n, k, K, BN, BK).to(DOT_DTYPE)                 # [BN, BK]
+            if IEEE:
+                acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b_x, tl.trans(b_w), acc)
+
+        if SPLIT_K == 1:
+            acc = acc * tl.load(gs_ptr)
+            if X_FP4:
+                acc = acc * tl.load(xgs_ptr)
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :]
+            tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        else:
+            # fp32 partial sums [SPLIT_K, M, N], reduced by the launcher in a fixed order
+            p_o = out_ptr + i_s * M * N + o_m[:, None] * N + o_n[None, :]
+            tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
 
 
 def _pick_config(m: int):
@@ -105,11 +108,15 @@ def _pick_config(m: int):
     raise AssertionError("CONFIGS ends with a catch-all")
 
 
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _split_k(m_tiles: int, n_tiles: int, k: int, bk: int, device: torch.device) -> int:
     """Split K until the grid covers the GPU twice, keeping >= 4 K-steps per split."""
     if m_tiles > 1:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _num_sms(device)
     steps = triton.cdiv(k, bk)
     split = 1
     while n_tiles * split * 2 <= 2 * sms and steps // (split * 2) >= 4:
@@ -143,7 +150,8 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
     k_per_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     dummy = w_gs
-    _nvfp4_gemm_fwd_kernel[(m_tiles * n_tiles, split)](
+    programs = m_tiles * n_tiles if split > 1 else min(m_tiles * n_tiles, 2 * _num_sms(x.device))
+    _nvfp4_gemm_fwd_kernel[(programs, split)](
         x, x_scales if fp4_x else dummy, w_codes, w_scales, w_gs, x_gs if fp4_x else dummy,
         bias if bias is not None else dummy, target,
         m, n, k, x.stride(0), out.stride(0), k_per_split,
