@@ -75,8 +75,47 @@ def demo(argv=None) -> int:
     same = torch.equal(ydq.cpu(), ref.dequantize_reference(*ref.quantize_reference(x), torch.bfloat16))
     ok &= same
     print(f"{'dequantize -> bf16':24s} {'':18s} {str(same):>14s}")
-    print("all kernel outputs byte-identical to the FP32 reference" if ok else "MISMATCH between kernel and reference")
+    ok &= _demo_linear(x, xd, gpu)
+    print("all kernels agree with the FP32 reference" if ok else "MISMATCH between kernel and reference")
     return 0 if ok else 1
+
+
+def _demo_linear(x: torch.Tensor, xd: torch.Tensor, gpu: bool) -> bool:
+    """NVFP4 linear (x @ W.T with W [N, K] in NVFP4), W4A16 and W4A4, kernel vs the fp32 reference."""
+    from nemotron.nvfp4 import reference as ref
+    from nemotron.nvfp4.triton import gemm as gemm_kernels
+    from nemotron.nvfp4.triton import quantize as kernels
+
+    m, k = min(x.shape[0], 64), x.shape[1]
+    n = 4 * k if gpu else 256
+    g = torch.Generator().manual_seed(1)
+    w32 = torch.randn(n, k, generator=g) * 0.02
+    w = ref.quantize_reference(w32)
+    wd = [t.to(xd.device) for t in w]
+    exact = x[:m].double() @ w32.double().T
+    print(f"\nNVFP4 linear: x [{m}, {k}] bf16 @ W.T, W [{n}, {k}] NVFP4")
+    print(f"{'path':24s} {'rel err vs exact':>18s} {'kernel ~ ref':>14s}" + (f" {'kernel TFLOP/s':>15s}" if gpu else ""))
+    ok = True
+    for label, a4 in (("W4A16", False), ("W4A4 (emulated)", True)):
+        def run():
+            if not a4:
+                return gemm_kernels.gemm(xd[:m], wd[0], wd[1].view(torch.uint8), wd[2])
+            xc, xs, xg = kernels.quantize(xd[:m], tile_rows=1, global_scale=None, stochastic=False, seed=0,
+                                          hadamard=False)
+            return gemm_kernels.gemm(xc, wd[0], wd[1].view(torch.uint8), wd[2], x_scales=xs.view(torch.uint8),
+                                     x_gs=xg, out_dtype=x.dtype)
+        got = run().cpu()
+        want = ref.linear_reference(x[:m], *w, act_quant=a4)
+        x32 = ref.dequantize_reference(*ref.quantize_reference(x[:m])) if a4 else x[:m].float()
+        close = bool(((got.double() - want.double()).abs()
+                      <= ref.gemm_tolerance(x32, ref.dequantize_reference(*w), None, want)).all())
+        ok &= close
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        line = f"{label:24s} {err:18.4f} {str(close):>14s}"
+        if gpu:
+            line += f" {2 * m * n * k / _time_ms(run) / 1e9:15.2f}"
+        print(line)
+    return ok
 
 
 def main(argv=None) -> int:
