@@ -1,0 +1,208 @@
+"""Mamba-2 references: plain torch, loops allowed, FP64 by default. This file defines correct.
+
+Shapes (one notation package-wide): B batch, T tokens, H heads, P head dim, G B/C groups (G | H,
+head h reads group h // (H/G)), N state size, D channels, W conv width.
+
+SSD (state-space duality, Mamba-2), per head and token t:
+    dt_t  = clamp(softplus?(dt_t + dt_bias), dt_limit)                  (softplus(v) = v for v > 20)
+    s_t   = exp(dt_t * A) * s_{t-1} + dt_t * x_t (outer) B_t            s: [P, N]
+    y_t   = s_t C_t + D * x_t;  y_t *= silu(z_t) when z is given
+The sequential recurrence (:func:`ssd_recurrence`) is the definition; :func:`ssd_chunked` is the
+chunked algorithm of the Mamba-2 paper (Listing 1) that the kernel decomposes the same way, with
+every exp of a cumsum difference clamped to <= 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def process_dt(dt: torch.Tensor, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, math.inf)) -> torch.Tensor:
+    """dt [..., H] -> clamp(softplus?(dt + dt_bias), *dt_limit), in dt's dtype."""
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi < math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+def _seq_bounds(t: int, cu_seqlens) -> list:
+    if cu_seqlens is None:
+        return [(0, t)]
+    c = [int(v) for v in cu_seqlens.tolist()]
+    return list(zip(c[:-1], c[1:]))
+
+
+def _expand_groups(v: torch.Tensor, h: int) -> torch.Tensor:
+    """[B, T, G, N] -> [B, T, H, N]: head h reads group h // (H / G)."""
+    return v.repeat_interleave(h // v.shape[2], dim=2)
+
+
+def _gate(y, x, D, z):
+    if D is not None:
+        y = y + (D[:, None] if D.dim() == 1 else D) * x
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def ssd_recurrence(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
+                   initial_states=None, cu_seqlens=None, dtype=torch.float64):
+    """The sequential recurrence, token by token, in ``dtype``. Returns (y [B,T,H,P], final states [B|S,H,P,N])."""
+    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    x, dt, A, B, C, D, z, dt_bias = map(cast, (x, dt, A, B, C, D, z, dt_bias))
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    Bh, Ch = _expand_groups(B, h), _expand_groups(C, h)
+    y = torch.zeros_like(x)
+    bounds = _seq_bounds(t, cu_seqlens)
+    finals = []
+    for bi in range(b):
+        for si, (s0, s1) in enumerate(bounds):
+            idx = si if cu_seqlens is not None else bi
+            s = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
+            for ti in range(s0, s1):
+                d = dt[bi, ti]                                                       # [H]
+                s = torch.exp(d * A)[:, None, None] * s + (d[:, None] * x[bi, ti])[:, :, None] * Bh[bi, ti][:, None, :]
+                y[bi, ti] = torch.einsum("hpn,hn->hp", s, Ch[bi, ti])
+            finals.append(s)
+    return _gate(y, x, D, z), torch.stack(finals)
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """[..., Q] -> [..., Q, Q] with out[i, j] = sum_{k=j+1..i} a_k for i >= j, -inf above (stable form)."""
+    q = a.shape[-1]
+    a = a[..., None].expand(*a.shape, q)
+    a = a.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), -1), 0)
+    out = torch.cumsum(a, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def _ssd_chunked_one(x, dt, A, B, C, chunk_size, s0):
+    """One sequence: x [T,H,P], dt [T,H] (processed), B/C [T,H,N] (per head), s0 [H,P,N]."""
+    t, h, p = x.shape
+    q = chunk_size
+    pad = (-t) % q
+    if pad:  # zero dt/x past the end: no decay, no input
+        x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 1) + (0, pad)) for v in (x, dt, B, C))
+    c = x.shape[0] // q
+    xd = (x * dt[..., None]).reshape(c, q, h, p)
+    a = (dt * A).reshape(c, q, h).permute(2, 0, 1)                                   # [H, c, Q]
+    Bc, Cc = B.reshape(c, q, h, -1), C.reshape(c, q, h, -1)
+    cs = torch.cumsum(a, dim=-1)
+    L = torch.exp(_segsum(a))                                                        # [H, c, Q, Q]
+    y_diag = torch.einsum("clhn,cshn,hcls,cshp->clhp", Cc, Bc, L, xd)
+    decay_states = torch.exp(torch.clamp(cs[..., -1:] - cs, max=0))                  # [H, c, Q]
+    states = torch.einsum("clhn,hcl,clhp->chpn", Bc, decay_states, xd)
+    states = torch.cat([s0[None], states], 0)                                        # [c+1, H, P, N]
+    decay_chunk = torch.exp(_segsum(F.pad(cs[..., -1], (1, 0))))                     # [H, c+1, c+1]
+    new = torch.einsum("hzc,chpn->zhpn", decay_chunk, states)
+    y_off = torch.einsum("clhn,chpn,hcl->clhp", Cc, new[:-1], torch.exp(cs))
+    return (y_diag + y_off).reshape(c * q, h, p)[:t], new[-1]
+
+
+def ssd_chunked(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt_softplus=False,
+                dt_limit=(0.0, math.inf), initial_states=None, cu_seqlens=None, dtype=torch.float32):
+    """The chunked SSD algorithm in ``dtype``; same arguments and returns as :func:`ssd_recurrence`."""
+    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    x, dt, A, B, C, D, z, dt_bias = map(cast, (x, dt, A, B, C, D, z, dt_bias))
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    Bh, Ch = _expand_groups(B, h), _expand_groups(C, h)
+    y = torch.zeros_like(x)
+    finals = []
+    for bi in range(b):
+        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
+            idx = si if cu_seqlens is not None else bi
+            init = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
+            ys, fs = _ssd_chunked_one(x[bi, s0:s1], dt[bi, s0:s1], A, Bh[bi, s0:s1], Ch[bi, s0:s1], chunk_size, init)
+            y[bi, s0:s1] = ys
+            finals.append(fs)
+    return _gate(y, x, D, z), torch.stack(finals)
+
+
+def _act(y, activation):
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d_reference(x, weight, bias=None, *, activation=None, initial_states=None, cu_seqlens=None,
+                            dtype=torch.float64):
+    """Depthwise causal conv over T. x [B, T, D] (channel-last), weight [D, W], bias [D],
+    initial_states [B|S, W-1, D] (the W-1 inputs before the first token, oldest first).
+    Returns (y [B, T, D] in ``dtype``, final states [B|S, W-1, D]: the last W-1 inputs)."""
+    b, t, d = x.shape
+    w = weight.shape[1]
+    xs, wt = x.to(dtype), weight.to(dtype)
+    y = torch.zeros_like(xs)
+    finals = []
+    for bi in range(b):
+        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
+            idx = si if cu_seqlens is not None else bi
+            hist = initial_states[idx].to(dtype) if initial_states is not None else xs.new_zeros(w - 1, d)
+            seq = torch.cat([hist, xs[bi, s0:s1]], 0)                                   # [W-1+L, D]
+            for ti in range(s1 - s0):
+                y[bi, s0 + ti] = (seq[ti:ti + w] * wt.T).sum(0)
+            finals.append(seq[seq.shape[0] - (w - 1):])
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return _act(y, activation), torch.stack(finals)
+
+
+def causal_conv1d_update_reference(x, conv_state, weight, bias=None, *, activation=None, dtype=torch.float64):
+    """Decode: x [B, D] or [B, L, D] new tokens, conv_state [B, W-1, D]. Returns (y like x, new conv_state)."""
+    squeeze = x.dim() == 2
+    x3 = x[:, None] if squeeze else x
+    y, final = causal_conv1d_reference(x3, weight, bias, activation=activation, initial_states=conv_state, dtype=dtype)
+    return (y[:, 0] if squeeze else y), final
+
+
+def selective_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                                     state_indices=None, dtype=torch.float64):
+    """One decode step of the recurrence. state [S, H, P, N]; x [B, H, P]; dt [B, H] or [B, H, P];
+    A [H] or [H, P, N]; B, C [B, G, N]; D, dt_bias [H] or [H, P]; z [B, H, P]; state_indices [B]
+    (row of ``state`` per batch entry, < 0 = padding: skipped, y = 0).
+    Returns (y [B, H, P] in ``dtype``, the new state tensor in ``dtype``); nothing in place."""
+    b, h, p = x.shape
+    n = B.shape[-1]
+    new = state.to(dtype).clone()
+    xs = x.to(dtype)
+    dts = dt.to(dtype)
+    if dts.dim() == 2:
+        dts = dts[..., None].expand(b, h, p)
+    if dt_bias is not None:
+        dts = dts + (dt_bias.to(dtype)[:, None] if dt_bias.dim() == 1 else dt_bias.to(dtype))
+    if dt_softplus:
+        dts = torch.where(dts <= 20.0, F.softplus(dts), dts)
+    a = A.to(dtype)
+    a = a[:, None, None].expand(h, p, n) if a.dim() == 1 else a
+    Bh, Ch = B.to(dtype).repeat_interleave(h // B.shape[1], 1), C.to(dtype).repeat_interleave(h // C.shape[1], 1)
+    y = torch.zeros_like(xs)
+    for bi in range(b):
+        row = bi if state_indices is None else int(state_indices[bi])
+        if row < 0:
+            continue
+        d = dts[bi][..., None]                                                       # [H, P, 1]
+        new[row] = torch.exp(d * a) * new[row] + d * xs[bi][..., None] * Bh[bi][:, None, :]
+        y[bi] = torch.einsum("hpn,hn->hp", new[row], Ch[bi])
+    Dd = None if D is None else D.to(dtype)
+    y = _gate(y, xs, Dd, None if z is None else z.to(dtype))
+    if state_indices is not None:
+        y = torch.where((state_indices < 0)[:, None, None], torch.zeros_like(y), y)
+    return y, new
+
+
+def gated_rmsnorm_reference(x, z, weight, *, group_size, eps=1e-5, dtype=torch.float64):
+    """rmsnorm(x * silu(z)) within groups of ``group_size`` along the last dim, times weight
+    (Nemotron's norm_before_gate=False). x, z [..., D]; weight [D]."""
+    d = x.shape[-1]
+    v = x.to(dtype) * F.silu(z.to(dtype))
+    g = v.reshape(*v.shape[:-1], d // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return g.reshape(v.shape) * weight.to(dtype)
