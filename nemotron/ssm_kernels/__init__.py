@@ -1,2 +1,6 @@
-"""Mamba-2 kernels (to come): chunked SSD scan, causal conv1d (+ decode update), selective state
-update, gated RMSNorm; each with its FP64/FP32 reference, Triton kernels and torch.library ops."""
+"""Mamba-2 kernels: the chunked SSD scan, causal conv1d (+ decode update), the selective state
+update and the gated grouped RMSNorm; each with its FP64 reference, Triton kernel and torch.library op.
+"""
+from .ops import causal_conv1d, causal_conv1d_update, gated_rmsnorm, selective_state_update, ssd_scan
+
+__all__ = ["ssd_scan", "causal_conv1d", "causal_conv1d_update", "selective_state_update", "gated_rmsnorm"]

@@ -147,8 +147,8 @@ def causal_conv1d_reference(x, weight, bias=None, *, activation=None, initial_st
             idx = si if cu_seqlens is not None else bi
             hist = initial_states[idx].to(dtype) if initial_states is not None else xs.new_zeros(w - 1, d)
             seq = torch.cat([hist, xs[bi, s0:s1]], 0)                                   # [W-1+L, D]
-            for ti in range(s1 - s0):
-                y[bi, s0 + ti] = (seq[ti:ti + w] * wt.T).sum(0)
+            for k in range(w):                                                          # tap k sees x[t - (W-1) + k]
+                y[bi, s0:s1] += seq[k:k + s1 - s0] * wt[:, k]
             finals.append(seq[seq.shape[0] - (w - 1):])
     if bias is not None:
         y = y + bias.to(dtype)

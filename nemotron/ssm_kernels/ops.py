@@ -1,0 +1,319 @@
+"""Mamba-2 ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
+
+Dispatch follows ``nemotron.nvfp4.ops.backend_for``: Triton kernels for CUDA tensors, the
+references on CPU (the chunked fp32 SSD there; the FP64 recurrence is the tests' oracle),
+``NEMOTRON_KERNELS=triton|reference`` overrides.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..nvfp4.ops import backend_for
+from . import reference as ref
+from .triton import conv_norm as cn_kernels
+from .triton import ssd as ssd_kernels
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK_SIZES = (16, 32, 64, 128, 256)
+_EMPTY = lambda like: like.new_empty(0, dtype=torch.float32)  # noqa: E731  (final states not asked for)
+
+
+# ---- torch.library ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("nemotron::ssd_scan", mutates_args=())
+def _ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                 dt_softplus: bool, dt_lo: float, dt_hi: float, initial_states: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], return_final_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=(dt_lo, dt_hi),
+              initial_states=initial_states, cu_seqlens=cu_seqlens)
+    if backend_for(x) == "triton":
+        out = ssd_kernels.ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, return_final_states=return_final_states, **kw)
+        return out if return_final_states else (out, _EMPTY(x))
+    y, final = ref.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
+    return y.to(x.dtype), (final if return_final_states else _EMPTY(x))
+
+
+@_ssd_scan_op.register_fake
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, initial_states, cu_seqlens, ret):
+    n_seq = (cu_seqlens.shape[0] - 1) if cu_seqlens is not None else x.shape[0]
+    final = x.new_empty(n_seq, x.shape[2], x.shape[3], B.shape[3], dtype=torch.float32) if ret else _EMPTY(x)
+    return torch.empty_like(x), final
+
+
+def _conv_final_states(x, initial_states, cu_seqlens, w):
+    """The last W-1 inputs of each sequence (initial states / zeros in front), [B|S, W-1, D]."""
+    b, t, d = x.shape
+    bounds = [(0, t)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    out = []
+    for bi in range(b):
+        for si, (s0, s1) in enumerate(bounds):
+            idx = si if cu_seqlens is not None else bi
+            hist = initial_states[idx] if initial_states is not None else x.new_zeros(w - 1, d)
+            out.append(torch.cat([hist.to(x.dtype), x[bi, s0:s1]], 0)[s1 - s0:])
+    return torch.stack(out)
+
+
+@torch.library.custom_op("nemotron::causal_conv1d", mutates_args=())
+def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
+               initial_states: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+               return_final_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    act = "silu" if silu else None
+    if backend_for(x) == "triton":
+        y = cn_kernels.causal_conv1d(x, weight, bias, activation=act, initial_states=initial_states,
+                                     cu_seqlens=cu_seqlens)
+        final = _conv_final_states(x, initial_states, cu_seqlens, weight.shape[1]) if return_final_states else None
+    else:
+        y, final = ref.causal_conv1d_reference(x, weight, bias, activation=act, initial_states=initial_states,
+                                               cu_seqlens=cu_seqlens, dtype=torch.float32)
+        y = y.to(x.dtype)
+    return y, (final.to(x.dtype) if return_final_states else _EMPTY(x))
+
+
+@_conv1d_op.register_fake
+def _(x, weight, bias, silu, initial_states, cu_seqlens, ret):
+    n_seq = (cu_seqlens.shape[0] - 1) if cu_seqlens is not None else x.shape[0]
+    final = x.new_empty(n_seq, weight.shape[1] - 1, x.shape[2]) if ret else _EMPTY(x)
+    return torch.empty_like(x), final
+
+
+@torch.library.custom_op("nemotron::causal_conv1d_update", mutates_args=("conv_state",))
+def _conv1d_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      silu: bool) -> torch.Tensor:
+    y, final = _conv1d_op(x, weight, bias, silu, conv_state, None, True)
+    conv_state.copy_(final)
+    return y
+
+
+@_conv1d_update_op.register_fake
+def _(x, conv_state, weight, bias, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nemotron::selective_state_update", mutates_args=("state",))
+def _ssu_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], dt_softplus: bool,
+            state_indices: Optional[torch.Tensor]) -> torch.Tensor:
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_indices=state_indices)
+    if backend_for(x) == "triton":
+        return cn_kernels.selective_state_update(state, x, dt, A, B, C, **kw)
+    y, new = ref.selective_state_update_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
+    state.copy_(new)
+    return y.to(x.dtype)
+
+
+@_ssu_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nemotron::gated_rmsnorm", mutates_args=())
+def _gated_rmsnorm_op(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    if backend_for(x) == "triton":
+        return cn_kernels.gated_rmsnorm(x, z, weight, group_size=group_size, eps=eps)
+    return ref.gated_rmsnorm_reference(x, z, weight, group_size=group_size, eps=eps, dtype=torch.float32).to(x.dtype)
+
+
+@_gated_rmsnorm_op.register_fake
+def _(x, z, weight, group_size, eps):
+    return torch.empty_like(x)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+def _tensor(name, t, shape=None, *, dtypes=_FLOATS, device=None, optional=False, last_contiguous=True):
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name}: required")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if shape is not None:  # one shape [d0, d1, ...] or a list of alternatives [[...], [...]]
+        options = shape if shape and isinstance(shape[0], (list, tuple)) else [shape]
+        if tuple(t.shape) not in [tuple(o) for o in options]:
+            want = " or ".join(str(list(o)) for o in options)
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if last_contiguous and t.dim() and t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {t.stride()}")
+
+
+def _cu_seqlens(cu_seqlens, t: int, batch: int, device) -> int:
+    """Validate cu_seqlens (int32/int64 [S+1], 0 .. T, non-decreasing); returns S."""
+    _tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), device=device)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor [num_seqs + 1], got shape {list(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need batch 1, got batch {batch}")
+    c = cu_seqlens.cpu()
+    if c[0] != 0 or c[-1] != t or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"cu_seqlens: expected 0 = c[0] <= ... <= c[-1] = {t} (the token count), got {c.tolist()}")
+    return cu_seqlens.numel() - 1
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+def ssd_scan(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=(0.0, math.inf), initial_states=None, cu_seqlens=None, return_final_states=False):
+    """Mamba-2 chunked SSD scan (semantics of mamba_ssm's ``mamba_chunk_scan_combined``).
+
+    Args:
+        x: ``[B, T, H, P]`` fp32/fp16/bf16; dt: ``[B, T, H]``; A: ``[H]`` (<= 0, fp32 preferred);
+        B, C: ``[B, T, G, N]`` with G | H (head h reads group h // (H/G)); D: ``[H]`` or ``[H, P]``;
+        z: ``[B, T, H, P]`` (output gated by silu(z)); dt_bias: ``[H]``; dt_softplus, dt_limit: dt is
+        ``clamp(softplus(dt + dt_bias), *dt_limit)``; initial_states: ``[B, H, P, N]`` (or
+        ``[S, H, P, N]`` with cu_seqlens); cu_seqlens: int ``[S + 1]`` offsets of S packed sequences
+        in a batch of 1 (boundaries may fall inside a chunk); chunk_size: a power of two in 16..256.
+        Strided views (e.g. x split from in_proj's output) are fine if the last dim is contiguous.
+
+    Returns y ``[B, T, H, P]`` in x's dtype, and with ``return_final_states`` also the fp32 final
+    states ``[B|S, H, P, N]``. Memory beyond x and y: O(chunk) per program (states stay on chip).
+
+    Example::
+
+        >>> y, s = ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
+    """
+    _tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [B, T, H, P], got shape {list(x.shape)}")
+    b, t, h, p = x.shape
+    dev = x.device
+    _tensor("B", B, dtypes=_FLOATS, device=dev)
+    if B.dim() != 4 or B.shape[:2] != (b, t):
+        raise ValueError(f"B: expected [B={b}, T={t}, G, N], got shape {list(B.shape)}")
+    g, n = B.shape[2], B.shape[3]
+    if g == 0 or h % g:
+        raise ValueError(f"B: its group count G={g} must divide the head count H={h}")
+    _tensor("dt", dt, [b, t, h], device=dev)
+    _tensor("A", A, [h], device=dev)
+    _tensor("C", C, [b, t, g, n], device=dev)
+    _tensor("D", D, [[h], [h, p]], device=dev, optional=True)
+    _tensor("z", z, [b, t, h, p], device=dev, optional=True)
+    _tensor("dt_bias", dt_bias, [h], device=dev, optional=True)
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size: expected one of {CHUNK_SIZES}, got {chunk_size}")
+    lo, hi = dt_limit
+    if not (0.0 <= lo <= hi):
+        raise ValueError(f"dt_limit: expected 0 <= low <= high, got {dt_limit}")
+    n_seq = _cu_seqlens(cu_seqlens, t, b, dev) if cu_seqlens is not None else b
+    _tensor("initial_states", initial_states, [n_seq, h, p, n], device=dev, optional=True)
+    if initial_states is not None and not initial_states.is_contiguous():
+        raise ValueError("initial_states: must be contiguous")
+    for name, v in (("D", D), ("dt_bias", dt_bias), ("A", A)):
+        if v is not None and not v.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+    y, final = _ssd_scan_op(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(lo), float(hi),
+                            initial_states, cu_seqlens, return_final_states)
+    return (y, final) if return_final_states else y
+
+
+def _check_conv(x, weight, bias, activation):
+    _tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, T, D] (channel-last), got shape {list(x.shape)}")
+    d = x.shape[2]
+    _tensor("weight", weight, device=x.device)
+    if weight.dim() != 2 or weight.shape[0] != d or not (2 <= weight.shape[1] <= 4):
+        raise ValueError(f"weight: expected [D={d}, W] with width W in 2..4, got shape {list(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("weight: must be contiguous")
+    _tensor("bias", bias, [d], device=x.device, optional=True)
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d(x, weight, bias=None, *, activation=None, initial_states=None, cu_seqlens=None,
+                  return_final_states=False):
+    """Depthwise causal conv1d over tokens, channel-last (this package's layout).
+
+    x ``[B, T, D]``; weight ``[D, W]`` (W in 2..4); bias ``[D]``; activation None | "silu";
+    initial_states ``[B|S, W-1, D]``: the W-1 inputs before the first token, oldest first;
+    cu_seqlens: int ``[S + 1]`` for S packed sequences in a batch of 1. Equals
+    ``F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=W-1, groups=D)[..., :T]``.
+    Returns y ``[B, T, D]`` in x's dtype (and the final states ``[B|S, W-1, D]``: the last W-1
+    inputs of each sequence, the next call's initial states).
+    """
+    _check_conv(x, weight, bias, activation)
+    b, t, d = x.shape
+    w = weight.shape[1]
+    n_seq = _cu_seqlens(cu_seqlens, t, b, x.device) if cu_seqlens is not None else b
+    _tensor("initial_states", initial_states, [n_seq, w - 1, d], device=x.device, optional=True)
+    if initial_states is not None and not initial_states.is_contiguous():
+        raise ValueError("initial_states: must be contiguous")
+    y, final = _conv1d_op(x, weight, bias, activation is not None, initial_states, cu_seqlens, return_final_states)
+    return (y, final) if return_final_states else y
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation=None):
+    """Decode: x ``[B, D]`` (one token) or ``[B, L, D]``; conv_state ``[B, W-1, D]`` (x's dtype,
+    contiguous) is advanced in place. Returns y like x."""
+    x3 = x[:, None] if isinstance(x, torch.Tensor) and x.dim() == 2 else x
+    _check_conv(x3, weight, bias, activation)
+    b, _, d = x3.shape
+    _tensor("conv_state", conv_state, [b, weight.shape[1] - 1, d], dtypes=(x.dtype,), device=x.device)
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state: must be contiguous")
+    y = _conv1d_update_op(x3, conv_state, weight, bias, activation is not None)
+    return y[:, 0] if x.dim() == 2 else y
+
+
+def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_indices=None):
+    """One decode step of the SSM, ``state`` updated in place (semantics of mamba_ssm's).
+
+    state ``[S, H, P, N]`` (fp32/fp16/bf16; last two dims contiguous); x ``[B, H, P]``; dt ``[B, H]``
+    or ``[B, H, P]``; A ``[H]`` or ``[H, P, N]``; B, C ``[B, G, N]``; D and dt_bias ``[H]`` or
+    ``[H, P]``; z ``[B, H, P]``; state_indices int ``[B]``: the state row of each batch entry
+    (default: row b), negative = padding (skipped, y = 0). Broadcast (stride-0) views are accepted.
+    Returns y ``[B, H, P]`` in x's dtype.
+    """
+    _tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [B, H, P], got shape {list(x.shape)}")
+    b, h, p = x.shape
+    dev = x.device
+    _tensor("state", state, device=dev)
+    if state.dim() != 4 or state.shape[1:3] != (h, p):
+        raise ValueError(f"state: expected [S, H={h}, P={p}, N], got shape {list(state.shape)}")
+    n = state.shape[3]
+    if state.stride(3) != 1 or state.stride(2) != n:
+        raise ValueError("state: its last two dims [P, N] must be contiguous")
+    _tensor("B", B, device=dev)
+    if B.dim() != 3 or B.shape[0] != b or B.shape[2] != n or B.shape[1] == 0 or h % B.shape[1]:
+        raise ValueError(f"B: expected [B={b}, G, N={n}] with G dividing H={h}, got shape {list(B.shape)}")
+    _tensor("C", C, list(B.shape), device=dev)
+    _tensor("dt", dt, [[b, h], [b, h, p]], device=dev, last_contiguous=False)
+    _tensor("A", A, [[h], [h, p, n]], device=dev, last_contiguous=False)
+    _tensor("D", D, [[h], [h, p]], device=dev, optional=True, last_contiguous=False)
+    _tensor("dt_bias", dt_bias, [[h], [h, p]], device=dev, optional=True, last_contiguous=False)
+    _tensor("z", z, [b, h, p], device=dev, optional=True)
+    if state_indices is None and state.shape[0] != b:
+        raise ValueError(f"state: {state.shape[0]} rows for batch {b}; pass state_indices to map them")
+    _tensor("state_indices", state_indices, [b], dtypes=(torch.int32, torch.int64), device=dev, optional=True)
+    if state_indices is not None and not state.is_cuda and b and int(state_indices.max()) >= state.shape[0]:
+        raise ValueError(f"state_indices: values must be < {state.shape[0]} (the state rows)")
+    return _ssu_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
+
+
+def gated_rmsnorm(x, z, weight, *, group_size, eps=1e-5):
+    """RMSNorm of ``x * silu(z)`` within groups of ``group_size`` along the last dim, times weight
+    (Nemotron's ``norm_before_gate=False``). x, z ``[..., D]``; weight ``[D]``; D % group_size == 0.
+    fp32 math, result in x's dtype."""
+    _tensor("x", x)
+    d = x.shape[-1] if x.dim() else 0
+    _tensor("z", z, list(x.shape), device=x.device)
+    _tensor("weight", weight, [d], device=x.device)
+    if not isinstance(group_size, int) or group_size <= 0 or d % group_size:
+        raise ValueError(f"group_size: expected a positive divisor of D={d}, got {group_size}")
+    for name, v in (("x", x), ("z", z)):
+        try:
+            v.view(-1, d)
+        except RuntimeError:
+            raise ValueError(f"{name}: leading dims must flatten without a copy; call .contiguous()") from None
+    return _gated_rmsnorm_op(x, z, weight, group_size, float(eps))
