@@ -1,0 +1,218 @@
+"""SSD scan: references against each other, the Triton kernel against the FP64 recurrence."""
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+from nemotron import ssm_kernels as ssm
+from nemotron.ssm_kernels import reference as ref
+from nemotron.ssm_kernels.triton import ssd as ssd_kernels
+
+from ..strategies import seeds
+
+# Relative tolerance on max|y - y_ref| / rms(y_ref). fp32: the kernel sums <= Q fp32 products per
+# MMA and carries the state over chunks (error ~ Q * 2^-24 per chunk). fp16 / bf16: like upstream it
+# rounds the decay-weighted CB, the state and x*dt*decay to the input dtype before each MMA (one
+# rounding of eps each), and stores y in that dtype.
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _rel(got, want):
+    want = want.double()
+    return ((got.double() - want).abs().max() / (want.pow(2).mean().sqrt() + 1e-30)).item()
+
+
+@st.composite
+def ssd_problems(draw, *, dtype=None):
+    seed = draw(seeds)
+    g_ = torch.Generator().manual_seed(seed)
+    h = draw(st.sampled_from([2, 4]))
+    g = draw(st.sampled_from([1, h // 2, h]))
+    p, n = draw(st.sampled_from([8, 12])), draw(st.sampled_from([8, 16]))
+    chunk = draw(st.sampled_from([16, 32, 64]))
+    varlen = draw(st.booleans())
+    t = draw(st.sampled_from([1, chunk - 1, chunk, chunk + 1]) | st.integers(1, 70))
+    b = 1 if varlen else draw(st.integers(1, 2))
+    dtype = dtype or draw(st.sampled_from([torch.float32, torch.float16]))
+    r = lambda *s: torch.randn(*s, generator=g_)  # noqa: E731
+    kw = dict(chunk_size=chunk, dt_softplus=draw(st.booleans()))
+    x, dt, B, C = r(b, t, h, p), r(b, t, h) - 1, r(b, t, g, n), r(b, t, g, n)
+    A = -torch.exp(r(h))
+    if draw(st.booleans()):
+        kw["D"] = r(h) if draw(st.booleans()) else r(h, p)
+    if draw(st.booleans()):
+        kw["z"] = r(b, t, h, p).to(dtype)
+    if draw(st.booleans()):
+        kw["dt_bias"] = r(h)
+    if not kw["dt_softplus"]:
+        dt = dt.abs()                                      # dt >= 0 without softplus
+    if draw(st.booleans()):
+        kw["dt_limit"] = (0.01, 2.0)
+    n_seq = b
+    if varlen:
+        cuts = sorted(set(draw(st.lists(st.integers(0, t), max_size=3))))
+        cu = torch.tensor([0] + [c for c in cuts if 0 < c < t] + [t], dtype=torch.int32)
+        kw["cu_seqlens"], n_seq = cu, cu.numel() - 1
+    if draw(st.booleans()):
+        kw["initial_states"] = r(n_seq, h, p, n)
+    return (x.to(dtype), dt.to(dtype), A, B.to(dtype), C.to(dtype)), kw
+
+
+@given(ssd_problems(dtype=torch.float64))
+def test_chunked_reference_equals_recurrence(prob):
+    args, kw = prob
+    chunk = kw.pop("chunk_size")
+    y1, s1 = ref.ssd_recurrence(*args, **kw)
+    y2, s2 = ref.ssd_chunked(*args, chunk_size=chunk, dtype=torch.float64, **kw)
+    assert _rel(y2, y1) < 1e-10 and _rel(s2, s1) < 1e-10     # fp64, two orders of summation
+
+
+@given(ssd_problems())
+@example(prob=((torch.randn(1, 63, 2, 60), torch.rand(1, 63, 2), -torch.rand(2), torch.randn(1, 63, 1, 16),
+                torch.randn(1, 63, 1, 16)), dict(chunk_size=32)))                 # T=63, P=60 found bugs upstream
+def test_kernel_matches_recurrence(kernel_device, prob):
+    args, kw = prob
+    want_y, want_s = ref.ssd_recurrence(*args, **{k: v for k, v in kw.items() if k != "chunk_size"})
+    d = kernel_device
+    got_y, got_s = ssd_kernels.ssd_scan(*(a.to(d) for a in args), return_final_states=True,
+                                        **{k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    tol = TOL[args[0].dtype]
+    assert got_y.dtype == args[0].dtype and got_s.dtype == torch.float32
+    assert _rel(got_y.cpu(), want_y) < tol and _rel(got_s.cpu(), want_s) < tol
+
+
+@given(ssd_problems(dtype=torch.float32))
+def test_public_op_matches_recurrence(prob):
+    args, kw = prob
+    want_y, want_s = ref.ssd_recurrence(*args, **{k: v for k, v in kw.items() if k != "chunk_size"})
+    y, s = ssm.ssd_scan(*args, return_final_states=True, **kw)
+    assert _rel(y, want_y) < TOL[torch.float32] and _rel(s, want_s) < TOL[torch.float32]
+
+
+def _problem(t=50, b=2, h=4, g=2, p=16, n=16, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return (r(b, t, h, p).to(dtype), r(b, t, h).to(dtype), -torch.exp(r(h)), r(b, t, g, n).to(dtype),
+            r(b, t, g, n).to(dtype)), dict(D=r(h), dt_bias=r(h), dt_softplus=True)
+
+
+def test_chunk_size_invariance(kernel_device):
+    args, kw = _problem()
+    args = [a.to(kernel_device) for a in args]
+    kw = {k: (v.to(kernel_device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ys = [ssd_kernels.ssd_scan(*args, chunk_size=q, **kw).cpu() for q in (16, 32, 64)]
+    assert _rel(ys[0], ys[2]) < 1e-5 and _rel(ys[1], ys[2]) < 1e-5   # fp32, different summation order only
+
+
+def test_split_anywhere_and_carry(kernel_device):
+    """Scan [0, n) then [n, T) from the carried state equals the unsplit scan."""
+    args, kw = _problem(t=45)
+    d = kernel_device
+    args = [a.to(d) for a in args]
+    kw = {k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    y, s = ssd_kernels.ssd_scan(*args, chunk_size=16, return_final_states=True, **kw)
+    for n in (1, 16, 23):
+        first = [a[:, :n] if a.dim() > 1 else a for a in args]
+        rest = [a[:, n:] if a.dim() > 1 else a for a in args]
+        y1, s1 = ssd_kernels.ssd_scan(*first, chunk_size=16, return_final_states=True, **kw)
+        y2, s2 = ssd_kernels.ssd_scan(*rest, chunk_size=16, initial_states=s1, return_final_states=True, **kw)
+        assert _rel(torch.cat([y1, y2], 1).cpu(), y.cpu()) < 1e-5 and _rel(s2.cpu(), s.cpu()) < 1e-5
+
+
+def test_prefill_then_decode_equals_longer_prefill():
+    """Prefill n tokens, then k selective_state_update steps == prefill of n + k (mamba's key invariant)."""
+    args, kw = _problem(t=40)
+    x, dt, A, B, C = args
+    n = 33
+    y_full = ssm.ssd_scan(*args, chunk_size=16, **kw)
+    _, state = ssm.ssd_scan(x[:, :n], dt[:, :n], A, B[:, :n], C[:, :n], chunk_size=16, return_final_states=True, **kw)
+    for t in range(n, 40):
+        y_t = ssm.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], **kw)
+        assert _rel(y_t, y_full[:, t]) < 1e-4, t
+
+
+def test_extreme_dt_and_negative_a_stay_finite(kernel_device):
+    """dt up to 1e4 with A = -1e3: every exponent is clamped <= 0, so the output stays finite. With a
+    uniform extreme dt the decays are exactly 0 off the diagonal and the kernel matches the reference;
+    with mixed dt the fp32 cumsum (~1e8) cancels in cs_i - cs_j, so only finiteness is promised."""
+    args, _ = _problem(t=40)
+    x, dt, A, B, C = args
+    A = torch.full_like(A, -1e3)
+    d = kernel_device
+    D = torch.ones(4)
+    for mixed in (False, True):
+        dt = torch.full_like(dt, 1e4)
+        if mixed:
+            dt[:, ::3] = 1e-6
+        got = ssd_kernels.ssd_scan(x.to(d), dt.to(d), A.to(d), B.to(d), C.to(d), chunk_size=16, D=D.to(d))
+        assert torch.isfinite(got).all()
+        if not mixed:
+            want, _ = ref.ssd_recurrence(x, dt, A, B, C, D=D)
+            assert _rel(got.cpu(), want) < 1e-4
+
+
+def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
+    """A 4K-token scan allocates only y and the final states: no per-chunk state / CB / cumsum tensors."""
+    args, kw = _problem(t=4096, b=1, h=2, g=1, p=16, n=16, seed=3)
+    d = kernel_device
+    args = [a.to(d) for a in args]
+    kw = {k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    sizes = []
+    real_empty = torch.empty
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    y, s = ssd_kernels.ssd_scan(*args, chunk_size=64, return_final_states=True, **kw)
+    assert sum(sizes) == y.numel() * y.element_size() + s.numel() * s.element_size()
+    want, _ = ref.ssd_chunked(*[a.cpu() for a in args], chunk_size=64,
+                              **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert _rel(y.cpu(), want) < 1e-4
+
+
+def test_opcheck_ssd():
+    args, kw = _problem(t=20)
+    torch.library.opcheck(torch.ops.nemotron.ssd_scan.default,
+                          (*args, 16, kw["D"], None, kw["dt_bias"], True, 0.0, math.inf, None, None, True))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.randn(2, 10, 4)), "x: expected"),
+    (dict(B=torch.randn(2, 10, 3, 16)), "divide"),
+    (dict(C=torch.randn(2, 10, 2, 8)), "C: expected shape"),
+    (dict(dt=torch.randn(2, 11, 4)), "dt: expected shape"),
+    (dict(A=torch.randn(4).double()), "A: expected dtype"),
+    (dict(D=torch.randn(3)), "D: expected shape"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(dt_limit=(1.0, 0.5)), "dt_limit"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 10])), "batch 1"),
+    (dict(x=torch.randn(2, 10, 4, 32)[..., ::2]), "contiguous"),
+    (dict(initial_states=torch.randn(2, 4, 16, 8)), "initial_states"),
+])
+def test_ssd_bad_input(change, match):
+    (x, dt, A, B, C), _ = _problem(t=10)
+    kw = dict(x=x, dt=dt, A=A, B=B, C=C)
+    kw.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ssm.ssd_scan(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw)
+
+
+def test_varlen_bad_offsets():
+    (x, dt, A, B, C), _ = _problem(t=10, b=1)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssm.ssd_scan(x, dt, A, B, C, cu_seqlens=torch.tensor([0, 7, 5, 10]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_super_shape(dtype):
+    """Super's mixer shape (H 128, P 64, N 128, G 8, chunk 128) at 2K tokens against the fp32 chunked reference."""
+    args, kw = _problem(t=2048, b=1, h=128, g=8, p=64, n=128, seed=1, dtype=dtype)
+    want, _ = ref.ssd_chunked(*args, chunk_size=128, **kw)
+    got = ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=128,
+                       **{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert _rel(got.cpu(), want) < TOL[dtype]
