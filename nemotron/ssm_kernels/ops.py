@@ -171,6 +171,8 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt
         ``[S, H, P, N]`` with cu_seqlens); cu_seqlens: int ``[S + 1]`` offsets of S packed sequences
         in a batch of 1 (boundaries may fall inside a chunk); chunk_size: a power of two in 16..256.
         Strided views (e.g. x split from in_proj's output) are fine if the last dim is contiguous.
+        The processed dt must be >= 0 and A <= 0 (a decay, as in Mamba-2): every exponent of a
+        cumsum difference is clamped to <= 0, so extreme dt / A give finite output.
 
     Returns y ``[B, T, H, P]`` in x's dtype, and with ``return_final_states`` also the fp32 final
     states ``[B|S, H, P, N]``. Memory beyond x and y: O(chunk) per program (states stay on chip).

@@ -45,8 +45,10 @@ def ssd_problems(draw, *, dtype=None):
         kw["z"] = r(b, t, h, p).to(dtype)
     if draw(st.booleans()):
         kw["dt_bias"] = r(h)
-    if not kw["dt_softplus"]:
-        dt = dt.abs()                                      # dt >= 0 without softplus
+    if not kw["dt_softplus"]:                              # the processed dt must be >= 0 (a decay)
+        dt = dt.abs()
+        if "dt_bias" in kw:
+            kw["dt_bias"] = kw["dt_bias"].abs()
     if draw(st.booleans()):
         kw["dt_limit"] = (0.01, 2.0)
     n_seq = b
