@@ -27,7 +27,7 @@ def _softplus(v):
     return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compile for every sequence length
 def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s0_ptr, y_ptr, sf_ptr, cu_ptr,
                     T, H, P, N, HG,
                     sx_b, sx_t, sx_h, sdt_b, sdt_t, sb_b, sb_t, sb_g, sc_b, sc_t, sc_g, sz_b, sz_t, sz_h,
