@@ -51,9 +51,9 @@ def _gate(y, x, D, z):
     return y
 
 
-def ssd_recurrence(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                   initial_states=None, cu_seqlens=None, dtype=torch.float64):
-    """The sequential recurrence, token by token, in ``dtype``. Returns (y [B,T,H,P], final states [B|S,H,P,N])."""
+def _ssd_per_sequence(one, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, cu_seqlens, dtype):
+    """Shared driver: process dt, expand groups, run ``one(x, dt, A, B, C, s0) -> (y, s)`` on every
+    sequence (batch row, or packed sequence with cu_seqlens), then apply D and the z gate."""
     cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
     x, dt, A, B, C, D, z, dt_bias = map(cast, (x, dt, A, B, C, D, z, dt_bias))
     b, t, h, p = x.shape
@@ -61,18 +61,31 @@ def ssd_recurrence(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh, Ch = _expand_groups(B, h), _expand_groups(C, h)
     y = torch.zeros_like(x)
-    bounds = _seq_bounds(t, cu_seqlens)
     finals = []
     for bi in range(b):
-        for si, (s0, s1) in enumerate(bounds):
+        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
             idx = si if cu_seqlens is not None else bi
-            s = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
-            for ti in range(s0, s1):
-                d = dt[bi, ti]                                                       # [H]
-                s = torch.exp(d * A)[:, None, None] * s + (d[:, None] * x[bi, ti])[:, :, None] * Bh[bi, ti][:, None, :]
-                y[bi, ti] = torch.einsum("hpn,hn->hp", s, Ch[bi, ti])
-            finals.append(s)
+            init = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
+            y[bi, s0:s1], final = one(x[bi, s0:s1], dt[bi, s0:s1], A, Bh[bi, s0:s1], Ch[bi, s0:s1], init)
+            finals.append(final)
     return _gate(y, x, D, z), torch.stack(finals)
+
+
+def _recurrence_one(x, dt, A, B, C, s):
+    """One sequence, token by token: x [T,H,P], dt [T,H], B/C [T,H,N], s [H,P,N]."""
+    y = torch.zeros_like(x)
+    for ti in range(x.shape[0]):
+        d = dt[ti]                                                                   # [H]
+        s = torch.exp(d * A)[:, None, None] * s + (d[:, None] * x[ti])[:, :, None] * B[ti][:, None, :]
+        y[ti] = torch.einsum("hpn,hn->hp", s, C[ti])
+    return y, s
+
+
+def ssd_recurrence(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
+                   initial_states=None, cu_seqlens=None, dtype=torch.float64):
+    """The sequential recurrence, token by token, in ``dtype``. Returns (y [B,T,H,P], final states [B|S,H,P,N])."""
+    return _ssd_per_sequence(_recurrence_one, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
+                             initial_states, cu_seqlens, dtype)
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -110,22 +123,9 @@ def _ssd_chunked_one(x, dt, A, B, C, chunk_size, s0):
 def ssd_chunked(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt_softplus=False,
                 dt_limit=(0.0, math.inf), initial_states=None, cu_seqlens=None, dtype=torch.float32):
     """The chunked SSD algorithm in ``dtype``; same arguments and returns as :func:`ssd_recurrence`."""
-    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
-    x, dt, A, B, C, D, z, dt_bias = map(cast, (x, dt, A, B, C, D, z, dt_bias))
-    b, t, h, p = x.shape
-    n = B.shape[-1]
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    Bh, Ch = _expand_groups(B, h), _expand_groups(C, h)
-    y = torch.zeros_like(x)
-    finals = []
-    for bi in range(b):
-        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
-            idx = si if cu_seqlens is not None else bi
-            init = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
-            ys, fs = _ssd_chunked_one(x[bi, s0:s1], dt[bi, s0:s1], A, Bh[bi, s0:s1], Ch[bi, s0:s1], chunk_size, init)
-            y[bi, s0:s1] = ys
-            finals.append(fs)
-    return _gate(y, x, D, z), torch.stack(finals)
+    one = lambda x_, dt_, A_, B_, C_, s0: _ssd_chunked_one(x_, dt_, A_, B_, C_, chunk_size, s0)  # noqa: E731
+    return _ssd_per_sequence(one, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                             cu_seqlens, dtype)
 
 
 def _act(y, activation):

@@ -10,20 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .ssd import _sequence
+
 
 @triton.jit(do_not_specialize=["T"])  # one compile for every sequence length
 def _conv1d_fwd_kernel(x_ptr, w_ptr, bias_ptr, s0_ptr, y_ptr, cu_ptr, T, D, sx_b, sx_t, sy_b, sy_t,
                        W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S0: tl.constexpr, SILU: tl.constexpr,
                        IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     i_s, i_t, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if IS_VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
-        i_b = 0
-    else:
-        bos = 0
-        eos = T
-        i_b = i_s
+    i_b, bos, eos = _sequence(cu_ptr, i_s, T, IS_VARLEN)
     o_t = bos + i_t * BT + tl.arange(0, BT).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_t, m_d = o_t < eos, o_d < D

@@ -23,6 +23,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _sequence(cu_ptr, i_s, T, IS_VARLEN: tl.constexpr):
+    """(batch row, first token, end token) of program row i_s: a batch row, or packed sequence i_s."""
+    if IS_VARLEN:
+        return 0, tl.load(cu_ptr + i_s).to(tl.int64), tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    else:
+        return i_s, 0, T
+
+
+@triton.jit
 def _softplus(v):
     return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
 
@@ -37,14 +46,7 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s
                     STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     IEEE: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     i_s, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if IS_VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
-        i_b = 0
-    else:
-        bos = 0
-        eos = T
-        i_b = i_s
+    i_b, bos, eos = _sequence(cu_ptr, i_s, T, IS_VARLEN)
     i_g = i_h // HG
     o_p = i_p * BP + tl.arange(0, BP)
     o_n = tl.arange(0, BN)
