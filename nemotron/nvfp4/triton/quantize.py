@@ -12,7 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import FLT_MAX, HADAMARD_SIGN_MASK, global_scales
+from .. import reference as ref
+from ..reference import global_scales
+
+# globals a kernel reads must be constexpr
+FLT_MAX = tl.constexpr(ref.FLT_MAX)
+HADAMARD_SIGN_MASK = tl.constexpr(ref.HADAMARD_SIGN_MASK)
 
 # Tile sizes: BM rows x NB blocks of 16. BM is a multiple of 16 so a 16x16 tile never straddles programs.
 BM, NB, NUM_WARPS = 32, 8, 4

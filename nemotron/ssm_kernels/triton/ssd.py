@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ... import _triton
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)   # kernels may read only constexpr globals
 
 
 @triton.jit
