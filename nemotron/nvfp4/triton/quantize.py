@@ -52,7 +52,7 @@ def _bfly16(x, R: tl.constexpr):
 def _rht(b_x, BM: tl.constexpr, NB: tl.constexpr, INVERSE: tl.constexpr):
     """diag(s) @ H16 / 4 (or its transpose) applied to each 16-block of b_x [BM, NB, 16], fp32."""
     o_e = tl.arange(0, 16)
-    b_sg = 1.0 - 2.0 * ((HADAMARD_SIGN_MASK >> o_e) & 1).to(tl.float32)   # [16]
+    b_sg = 1.0 - 2.0 * ((tl.full((16,), HADAMARD_SIGN_MASK, tl.int32) >> o_e) & 1).to(tl.float32)   # [16]
     b_x = tl.reshape(b_x, (BM * NB, 16))
     if not INVERSE:
         b_x = b_x * b_sg[None, :]
