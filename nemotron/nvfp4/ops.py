@@ -123,7 +123,7 @@ def _scaled_mm_ok(x: torch.Tensor) -> bool:
 def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     weight = weight.view(torch.float8_e4m3fn)  # travels as its bytes, like the NVFP4 scales
-    if not _scaled_mm_ok(x) or os.environ.get("NEMOTRON_KERNELS", "").strip().lower() == "reference":
+    if backend_for(x) != "triton" or not _scaled_mm_ok(x):
         return ref.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -302,9 +302,7 @@ def linear(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.Tensor] = None,
         raise ValueError(f"act_quant: expected None or 'nvfp4', got {act_quant!r}")
     if input_scale is not None and act_quant is None:
         raise ValueError("input_scale: only meaningful with act_quant='nvfp4'")
-    gs = _check_global_scale(input_scale, x) if input_scale is not None else None
-    if gs is not None:
-        gs = gs.reshape(())
+    gs = _check_global_scale(input_scale, x)
     return _linear_op(x, w.codes.contiguous(), w.block_scales.contiguous().view(torch.uint8), w.global_scale,
                       bias, act_quant == "nvfp4", gs)
 
