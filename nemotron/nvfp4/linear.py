@@ -114,7 +114,7 @@ class FP8Linear(_ScaledLinear):
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,
                 dtype=lin.bias.dtype if lin.bias is not None else w.dtype)
-        scale = (w.float().abs().amax() / ref.FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = ref.fp8_scale(w)
         m.weight.copy_(ref.fp8_quantize_reference(w, scale))
         m.weight_scale.copy_(scale)
         if lin.bias is not None:

@@ -271,6 +271,11 @@ def gemm_tolerance(x32: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | No
 FP8_MAX = 448.0
 
 
+def fp8_scale(t: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP8 decode scale ``amax(|t|) / 448`` (fp32, floored at the smallest normal), on t's device."""
+    return (t.float().abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def fp8_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 E4M3: ``rn_satfinite(x / scale)`` as float8_e4m3fn (scale is the decode scale)."""
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -282,7 +287,7 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     None), ``(xq * s_x) @ (w * s_w).T (+ bias)`` in fp32, returned in x's dtype."""
     k = x.shape[-1]
     if input_scale is None:
-        input_scale = (x.float().abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        input_scale = fp8_scale(x)
     xq = fp8_quantize_reference(x, input_scale).float() * input_scale.float()
     out = xq.reshape(-1, k) @ (weight.float() * weight_scale.float()).T
     if bias is not None:

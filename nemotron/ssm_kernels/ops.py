@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..nvfp4.ops import backend_for
+from ..nvfp4.ops import _flattens, backend_for
 from . import reference as ref
 from .triton import conv_norm as cn_kernels
 from .triton import ssd as ssd_kernels
@@ -314,8 +314,6 @@ def gated_rmsnorm(x, z, weight, *, group_size, eps=1e-5):
     if not isinstance(group_size, int) or group_size <= 0 or d % group_size:
         raise ValueError(f"group_size: expected a positive divisor of D={d}, got {group_size}")
     for name, v in (("x", x), ("z", z)):
-        try:
-            v.view(-1, d)
-        except RuntimeError:
-            raise ValueError(f"{name}: leading dims must flatten without a copy; call .contiguous()") from None
+        if not _flattens(v):
+            raise ValueError(f"{name}: leading dims must flatten without a copy; call .contiguous()")
     return _gated_rmsnorm_op(x, z, weight, group_size, float(eps))

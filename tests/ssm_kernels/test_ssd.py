@@ -18,6 +18,11 @@ from ..strategies import seeds
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+def _on(device, kw: dict) -> dict:
+    """The tensors of a kwargs dict moved to ``device``."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
 def _rel(got, want):
     want = want.double()
     return ((got.double() - want).abs().max() / (want.pow(2).mean().sqrt() + 1e-30)).item()
@@ -78,7 +83,7 @@ def test_kernel_matches_recurrence(kernel_device, prob):
     want_y, want_s = ref.ssd_recurrence(*args, **{k: v for k, v in kw.items() if k != "chunk_size"})
     d = kernel_device
     got_y, got_s = ssd_kernels.ssd_scan(*(a.to(d) for a in args), return_final_states=True,
-                                        **{k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+                                        **_on(d, kw))
     tol = TOL[args[0].dtype]
     assert got_y.dtype == args[0].dtype and got_s.dtype == torch.float32
     assert _rel(got_y.cpu(), want_y) < tol and _rel(got_s.cpu(), want_s) < tol
@@ -102,7 +107,7 @@ def _problem(t=50, b=2, h=4, g=2, p=16, n=16, seed=0, dtype=torch.float32):
 def test_chunk_size_invariance(kernel_device):
     args, kw = _problem()
     args = [a.to(kernel_device) for a in args]
-    kw = {k: (v.to(kernel_device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw = _on(kernel_device, kw)
     ys = [ssd_kernels.ssd_scan(*args, chunk_size=q, **kw).cpu() for q in (16, 32, 64)]
     assert _rel(ys[0], ys[2]) < 1e-5 and _rel(ys[1], ys[2]) < 1e-5   # fp32, different summation order only
 
@@ -112,7 +117,7 @@ def test_split_anywhere_and_carry(kernel_device):
     args, kw = _problem(t=45)
     d = kernel_device
     args = [a.to(d) for a in args]
-    kw = {k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw = _on(d, kw)
     y, s = ssd_kernels.ssd_scan(*args, chunk_size=16, return_final_states=True, **kw)
     for n in (1, 16, 23):
         first = [a[:, :n] if a.dim() > 1 else a for a in args]
@@ -159,7 +164,7 @@ def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
     args, kw = _problem(t=4096, b=1, h=2, g=1, p=16, n=16, seed=3)
     d = kernel_device
     args = [a.to(d) for a in args]
-    kw = {k: (v.to(d) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw = _on(d, kw)
     sizes = []
     real_empty = torch.empty
 
@@ -172,7 +177,7 @@ def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
     y, s = ssd_kernels.ssd_scan(*args, chunk_size=64, return_final_states=True, **kw)
     assert sum(sizes) == y.numel() * y.element_size() + s.numel() * s.element_size()
     want, _ = ref.ssd_chunked(*[a.cpu() for a in args], chunk_size=64,
-                              **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+                              **_on("cpu", kw))
     assert _rel(y.cpu(), want) < 1e-4
 
 
@@ -216,5 +221,5 @@ def test_gpu_super_shape(dtype):
     args, kw = _problem(t=2048, b=1, h=128, g=8, p=64, n=128, seed=1, dtype=dtype)
     want, _ = ref.ssd_chunked(*args, chunk_size=128, **kw)
     got = ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=128,
-                       **{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+                       **_on("cuda", kw))
     assert _rel(got.cpu(), want) < TOL[dtype]
