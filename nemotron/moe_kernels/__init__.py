@@ -1,2 +1,6 @@
-"""LatentMoE kernels (to come): fp32 sigmoid router, permute/dispatch, grouped GEMM (bf16 and NVFP4),
-combine, and expert-parallel all-to-all of latent vectors."""
+"""LatentMoE kernels: fp32 sigmoid router, permute by expert, grouped GEMM (bf16 and NVFP4 weights)
+with relu2 and the routing weight fused, deterministic combine, and the LatentMoE layer with
+expert parallelism over latent vectors."""
+from .ops import combine, expert_slots, experts, permute, quantize_experts, route
+
+__all__ = ["route", "experts", "expert_slots", "combine", "permute", "quantize_experts"]

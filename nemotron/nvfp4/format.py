@@ -24,7 +24,9 @@ class NVFP4Tensor:
     Attributes:
         codes: uint8 ``[..., K/2]``, E2M1 codes, element ``2i`` in the low nibble of byte ``i``.
         block_scales: float8_e4m3fn ``[..., K/16]``, the per-block decode scales.
-        global_scale: fp32 0-dim, the decode scale S_dec (ModelOpt's ``weight_scale_2``).
+        global_scale: fp32 0-dim, the decode scale S_dec (ModelOpt's ``weight_scale_2``); or, for a
+            stack of matrices ``[G, N, K]`` (e.g. one per MoE expert, each with its own ModelOpt
+            ``weight_scale_2``), fp32 ``[G]``: one decode scale per leading index.
         block_shape: ``(1, 16)`` or ``(16, 16)`` (one scale per 16x16 tile of the last two dims,
             stored replicated per row, so the storage layout is the same).
 
@@ -46,9 +48,10 @@ class NVFP4Tensor:
             raise TypeError(f"codes: expected torch.uint8, got {self.codes.dtype}")
         if self.block_scales.dtype != torch.float8_e4m3fn:
             raise TypeError(f"block_scales: expected torch.float8_e4m3fn, got {self.block_scales.dtype}")
-        if self.global_scale.dtype != torch.float32 or self.global_scale.dim() != 0:
-            raise TypeError(f"global_scale: expected a 0-dim torch.float32 tensor, got "
-                            f"{self.global_scale.dtype} of shape {tuple(self.global_scale.shape)}")
+        stacked = self.codes.dim() >= 3 and tuple(self.global_scale.shape) == tuple(self.codes.shape[:1])
+        if self.global_scale.dtype != torch.float32 or not (self.global_scale.dim() == 0 or stacked):
+            raise TypeError(f"global_scale: expected a 0-dim torch.float32 tensor (or [G] for a stack [G, N, K]), "
+                            f"got {self.global_scale.dtype} of shape {tuple(self.global_scale.shape)}")
         if self.codes.dim() == 0 or self.codes.shape[-1] % (BLOCK // 2):
             raise ValueError(f"codes: the last dim must be K/2 with K a multiple of 16, got shape {tuple(self.codes.shape)}")
         expected = (*self.codes.shape[:-1], self.codes.shape[-1] * 2 // BLOCK)
@@ -69,6 +72,18 @@ class NVFP4Tensor:
     @property
     def device(self) -> torch.device:
         return self.codes.device
+
+    @property
+    def per_matrix_scale(self) -> bool:
+        """True for a stack ``[G, N, K]`` whose global scale is ``[G]`` (one per matrix)."""
+        return self.global_scale.dim() == 1
+
+    def __getitem__(self, g: int) -> "NVFP4Tensor":
+        """Matrix ``g`` of a stack (with its own global scale when the scale is per matrix)."""
+        if self.codes.dim() < 3:
+            raise IndexError(f"indexing needs a stacked NVFP4Tensor (3 or more dims), got shape {tuple(self.shape)}")
+        gs = self.global_scale[g] if self.per_matrix_scale else self.global_scale
+        return NVFP4Tensor(self.codes[g], self.block_scales[g], gs, self.block_shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor ``e2m1(codes) * fp32(block_scales) * global_scale`` in ``dtype``, shape ``self.shape``."""

@@ -233,6 +233,10 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
         raise TypeError(f"t: expected an NVFP4Tensor, got {type(t).__name__}")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    if t.per_matrix_scale:
+        if t.shape[0] == 0:
+            return torch.empty(t.shape, dtype=dtype, device=t.device)
+        return torch.stack([dequantize(t[g], dtype) for g in range(t.shape[0])])
     return _dequantize_op(t.codes.contiguous(), t.block_scales.contiguous().view(torch.uint8), t.global_scale, dtype)
 
 

@@ -1,0 +1,233 @@
+"""MoE ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
+
+Dispatch follows :func:`nemotron.nvfp4.ops.backend_for`: the Triton grouped GEMM for CUDA tensors,
+the reference on CPU, ``NEMOTRON_KERNELS=triton|reference`` overrides (``triton`` on CPU runs the
+kernels under the interpreter).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..nvfp4.format import NVFP4Tensor
+from ..nvfp4.ops import backend_for
+from . import reference as ref
+from .triton import grouped_gemm as kernels
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- torch.library ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("nemotron::moe_route", mutates_args=())
+def _route_op(logits: torch.Tensor, top_k: int, correction_bias: Optional[torch.Tensor], n_group: int,
+              topk_group: int, renormalize: bool, scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # sigmoid + top-k over [T, E] is a few memory-bound torch ops; no kernel of ours beats them
+    return ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
+                               topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
+
+
+@_route_op.register_fake
+def _(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor):
+    t = logits.shape[0]
+    return logits.new_empty(t, top_k, dtype=torch.float32), logits.new_empty(t, top_k, dtype=torch.int32)
+
+
+def _weights(w: torch.Tensor, scales: Optional[torch.Tensor], gs: Optional[torch.Tensor]):
+    """The op-level weight triple back to what the reference / kernels take."""
+    if scales is None:
+        return w, (None, w)
+    return (NVFP4Tensor(w, scales.view(torch.float8_e4m3fn), gs), (w, scales, gs))
+
+
+@torch.library.custom_op("nemotron::moe_expert_slots", mutates_args=())
+def _slots_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
+              up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
+              down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
+    up_ref, up_k = _weights(up, up_scales, up_gs)
+    down_ref, down_k = _weights(down, down_scales, down_gs)
+    if backend_for(x) != "triton":
+        return ref.expert_slots_reference(x, weights, ids, up_ref, down_ref)
+    perm, offs = ref.permute_reference(ids, up.shape[0])
+    return kernels.expert_slots(x, weights, perm, offs, ids.shape[1], up_k, down_k)
+
+
+@_slots_op.register_fake
+def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
+    return x.new_empty(ids.numel(), x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("nemotron::moe_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
+                up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
+                down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
+    slots = _slots_op(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs)
+    return ref.combine_reference(slots, ids.shape[1], x.dtype)
+
+
+@_experts_op.register_fake
+def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
+    return torch.empty_like(x)
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def _tensor(name: str, t, *, dim: int, dtypes=_FLOATS, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name}: expected {dim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+
+
+def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.Tensor] = None,
+          n_group: int = 1, topk_group: int = 1, renormalize: bool = True,
+          scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid top-k routing with a selection bias (HF ``NemotronHTopkRouter`` semantics).
+
+    Args:
+        logits: router logits ``[T, E]`` (any float dtype; all math in fp32).
+        top_k: experts per token, 1 <= top_k <= E.
+        correction_bias: ``[E]`` added to the sigmoid scores for *selection only*
+            (``e_score_correction_bias``); the weights come from the un-biased scores.
+        n_group, topk_group: group-limited selection (DeepSeek-V3): the E experts form ``n_group``
+            groups, each scored by the sum of its top-2 biased scores; only experts of the best
+            ``topk_group`` groups are eligible. ``n_group=1`` disables it.
+        renormalize: divide the k weights by their sum (+ 1e-20).
+        scaling_factor: multiply the weights (``routed_scaling_factor``, 5.0 in Super).
+
+    Returns ``(weights fp32 [T, k], ids int32 [T, k])``, ids in decreasing biased-score order.
+
+    Example::
+
+        >>> w, ids = nemotron.moe_kernels.route(torch.randn(4, 512), top_k=22, scaling_factor=5.0)
+    """
+    _tensor("logits", logits, dim=2)
+    t, e = logits.shape
+    if not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ValueError(f"top_k: expected an int in [1, {e}] (E = logits.shape[1]), got {top_k!r}")
+    if correction_bias is not None:
+        _tensor("correction_bias", correction_bias, dim=1, device=logits.device)
+        if correction_bias.shape[0] != e:
+            raise ValueError(f"correction_bias: expected shape [{e}], got {tuple(correction_bias.shape)}")
+    if not isinstance(n_group, int) or n_group < 1 or e % n_group:
+        raise ValueError(f"n_group: expected a positive divisor of E = {e}, got {n_group!r}")
+    if n_group > 1 and e // n_group < 2:
+        raise ValueError(f"n_group: groups are scored by their top-2 experts, so E / n_group must be >= 2, got "
+                         f"{e} / {n_group}")
+    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group: expected an int in [1, n_group = {n_group}], got {topk_group!r}")
+    if top_k > topk_group * (e // n_group):
+        raise ValueError(f"top_k: {top_k} exceeds the {topk_group * (e // n_group)} experts eligible in "
+                         f"topk_group = {topk_group} groups of {e // n_group}")
+    return _route_op(logits, top_k, correction_bias, n_group, topk_group, bool(renormalize), float(scaling_factor))
+
+
+def _check_weight(name: str, w, e_dim: Optional[int], n: Optional[int], k: Optional[int], device):
+    """Validate a stacked expert weight [E, N, K]; returns (E, N, K) and the op-level triple."""
+    if isinstance(w, NVFP4Tensor):
+        if w.codes.dim() != 3:
+            raise ValueError(f"{name}: expected a stacked NVFP4Tensor [E, N, K], got shape {tuple(w.shape)}")
+        if w.device != device:
+            raise ValueError(f"{name}: expected it on {device}, got {w.device}")
+        gs = w.global_scale if w.per_matrix_scale else w.global_scale.expand(w.shape[0])
+        triple = (w.codes.contiguous(), w.block_scales.contiguous().view(torch.uint8), gs.contiguous())
+    else:
+        _tensor(name, w, dim=3, device=device)
+        triple = (w.contiguous(), None, None)
+    shape = tuple(w.shape)
+    for got, want, what in zip(shape, (e_dim, n, k), ("E", "N", "K")):
+        if want is not None and got != want:
+            raise ValueError(f"{name}: expected shape [E, N, K] with {what} = {want}, got {shape}")
+    return shape, triple
+
+
+def _check_experts(x, weights, ids, up, down, activation):
+    _tensor("x", x, dim=2)
+    if x.stride(-1) != 1:
+        raise ValueError(f"x: the last dim must be contiguous, got strides {x.stride()}")
+    _tensor("weights", weights, dim=2, device=x.device)
+    _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64), device=x.device)
+    if weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"weights, ids: expected both of shape [T, k] with T = x.shape[0] = {x.shape[0]}, got "
+                         f"{tuple(weights.shape)} and {tuple(ids.shape)}")
+    if activation not in ref.ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ref.ACTIVATIONS}, got {activation!r}")
+    (e, inter, hdim), up_t = _check_weight("up", up, None, None, x.shape[1], x.device)
+    _, down_t = _check_weight("down", down, e, hdim, inter, x.device)
+    if isinstance(up, NVFP4Tensor) != isinstance(down, NVFP4Tensor):
+        raise TypeError("up, down: expected both NVFP4Tensors or both float tensors")
+    if ids.numel() and not ids.is_cuda:  # on CUDA this check would cost a host sync; CUDA callers own ids
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= e:
+            raise ValueError(f"ids: expected expert ids in [0, {e}), got values in [{lo}, {hi}]")
+    return up_t, down_t
+
+
+def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, down, *,
+            activation: str = "relu2") -> torch.Tensor:
+    """Routed experts: ``out[t] = sum_j weights[t, j] * down[e](relu2(up[e] @ x[t]))``, e = ids[t, j].
+
+    Args:
+        x: ``[T, H]`` bf16 / fp16 / fp32 (H is the latent width in a LatentMoE), last dim contiguous.
+        weights: ``[T, k]`` routing weights (fp32 from :func:`route`).
+        ids: ``[T, k]`` int32/int64 expert ids in ``[0, E)``.
+        up: ``[E, I, H]`` float tensor, or a stacked :class:`~nemotron.nvfp4.NVFP4Tensor` of logical
+            shape ``[E, I, H]`` whose ``global_scale`` is ``[E]`` (one ModelOpt ``weight_scale_2`` per
+            expert; a 0-dim scale is shared); see :func:`quantize_experts`.
+        down: ``[E, H, I]``, the same kind as ``up``.
+        activation: ``"relu2"`` (relu(h)^2, non-gated, Nemotron-H).
+
+    Returns ``[T, H]`` in x's dtype. The weighted slot outputs are formed in fp32 and each token's k
+    slots summed in fp32 (deterministic, no atomics). On CUDA a Triton grouped GEMM (NVFP4 weights
+    expanded in registers, only touched experts read); on CPU the reference.
+
+    Example::
+
+        >>> w, ids = nemotron.moe_kernels.route(logits, top_k=2)
+        >>> y = nemotron.moe_kernels.experts(x, w, ids, up, down)
+    """
+    up_t, down_t = _check_experts(x, weights, ids, up, down, activation)
+    return _experts_op(x, weights, ids, *up_t, *down_t)
+
+
+def expert_slots(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, down, *,
+                 activation: str = "relu2") -> torch.Tensor:
+    """The weighted per-slot outputs of :func:`experts`, fp32 ``[T * k, H]`` (slot ``t * k + j``), before
+    the combine; ``combine(expert_slots(...), k, x.dtype) == experts(...)``. Expert parallelism
+    exchanges these rows."""
+    up_t, down_t = _check_experts(x, weights, ids, up, down, activation)
+    return _slots_op(x, weights, ids, *up_t, *down_t)
+
+
+def combine(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum each token's ``top_k`` consecutive fp32 slot rows ``[T * k, H]`` -> ``[T, H]`` in ``dtype``."""
+    _tensor("slots", slots, dim=2, dtypes=(torch.float32,))
+    if not isinstance(top_k, int) or top_k < 1 or slots.shape[0] % top_k:
+        raise ValueError(f"top_k: expected a positive divisor of slots.shape[0] = {slots.shape[0]}, got {top_k!r}")
+    return ref.combine_reference(slots, top_k, dtype)
+
+
+def permute(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the ``T * k`` slots by expert: ``(perm int32 [T * k], offs int32 [E])``; ``offs`` holds the
+    cumulative ends (``torch._grouped_mm``'s convention), no padding. No host sync on CUDA."""
+    _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64))
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    return ref.permute_reference(ids, num_experts)
+
+
+def quantize_experts(w: torch.Tensor) -> NVFP4Tensor:
+    """Quantize stacked expert weights ``[E, N, K]`` to NVFP4 (1x16 blocks), each expert with its own
+    global scale (as ModelOpt does per expert module): a stacked NVFP4Tensor with ``global_scale [E]``."""
+    from ..nvfp4.ops import quantize
+    _tensor("w", w, dim=3)
+    if w.shape[0] == 0:
+        raise ValueError("w: expected at least one expert")
+    parts = [quantize(w[e]) for e in range(w.shape[0])]
+    return NVFP4Tensor(torch.stack([p.codes for p in parts]), torch.stack([p.block_scales for p in parts]),
+                       torch.stack([p.global_scale for p in parts]))

@@ -1,0 +1,1 @@
+"""Triton kernels of the MoE family (see grouped_gemm.py)."""
