@@ -141,13 +141,31 @@ def _format_of(value) -> Optional[str]:
     return _FORMATS[key]
 
 
+def _split_expert_entries(recipe: Mapping, stacks: dict) -> tuple[dict, dict]:
+    """Take the per-expert entries (``{stack}.{e}.up_proj`` / ``down_proj``, as in ModelOpt's
+    ``quantized_layers``) out of a mixed map: a stack converts when all its 2E entries agree."""
+    rest, seen = dict(recipe), {}
+    for name, mod in stacks.items():
+        keys = [f"{name}.{mod.first + e}.{p}" for e in range(mod.num_experts) for p in ("up_proj", "down_proj")]
+        present = [k for k in keys if k in rest]
+        if not present:
+            continue
+        fmts = {_format_of(rest.pop(k)) for k in present}
+        if len(present) != len(keys) or len(fmts) != 1:
+            raise ValueError(f"recipe: the routed experts of {name} are stored as one stack; list all "
+                             f"{len(keys)} of its expert projections with one format (got {len(present)}, {fmts})")
+        seen[name] = fmts.pop()
+    return rest, seen
+
+
 def quantize_(model: nn.Module, recipe: Union[str, Mapping], *, exclude: Iterable[str] = (),
               act_quant: Optional[str] = None) -> nn.Module:
     """Swap ``nn.Linear`` modules of ``model`` in place for NVFP4 / FP8 layers (torchao-style).
 
     Args:
         recipe: ``"nvfp4"`` (every linear), ``"nvfp4-experts"`` (linears under an ``experts.``
-            module, not ``shared_experts``), or a ModelOpt-style mixed map ``{module name: "nvfp4" |
+            module, not ``shared_experts``; both also convert the stacked routed experts of a
+            :class:`~nemotron.moe_kernels.LatentMoE`, one global scale per expert), or a ModelOpt-style mixed map ``{module name: "nvfp4" |
             "fp8" | "keep"}`` (values may be ModelOpt's ``{"quant_algo": "NVFP4"}``; modules not
             listed are kept), as in the Nemotron 3 Super checkpoint's ``quantized_layers``.
         exclude: module names or fnmatch patterns never swapped (e.g. ``"lm_head"``, ``"*.q_proj"``).
@@ -155,7 +173,9 @@ def quantize_(model: nn.Module, recipe: Union[str, Mapping], *, exclude: Iterabl
 
     Returns the model. Map names that are not ``nn.Linear`` modules of the model raise.
     """
+    from ..moe_kernels.layer import MoEExperts
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    stacks = {name: mod for name, mod in model.named_modules() if isinstance(mod, MoEExperts)}
     excluded = lambda name: any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude)  # noqa: E731
     if isinstance(recipe, str):
         if recipe == "nvfp4":
@@ -164,7 +184,9 @@ def quantize_(model: nn.Module, recipe: Union[str, Mapping], *, exclude: Iterabl
             plan = {n: "nvfp4" for n in linears if _EXPERT.search(n)}
         else:
             raise ValueError(f"recipe: expected 'nvfp4', 'nvfp4-experts' or a mapping, got {recipe!r}")
+        stack_plan = {n: "nvfp4" for n in stacks}
     elif isinstance(recipe, Mapping):
+        recipe, stack_plan = _split_expert_entries(recipe, stacks)
         missing = [n for n in recipe if n not in linears]
         if missing:
             raise ValueError(f"recipe: {len(missing)} name(s) are not nn.Linear modules of the model, e.g. {missing[:3]}")
@@ -173,6 +195,14 @@ def quantize_(model: nn.Module, recipe: Union[str, Mapping], *, exclude: Iterabl
         raise TypeError(f"recipe: expected a str or a mapping, got {type(recipe).__name__}")
     if act_quant not in (None, "nvfp4"):
         raise ValueError(f"act_quant: expected None or 'nvfp4', got {act_quant!r}")
+    for name, fmt in stack_plan.items():
+        if fmt is None or excluded(name):
+            continue
+        if fmt != "nvfp4":
+            raise ValueError(f"recipe: routed experts {name} support nvfp4 or keep, got {fmt!r}")
+        if stacks[name].hidden % 16 or stacks[name].intermediate % 16:
+            raise ValueError(f"{name}: expert widths must be multiples of 16 for NVFP4; exclude or keep them")
+        stacks[name].quantize_()
     for name, fmt in plan.items():
         if fmt is None or excluded(name):
             continue
