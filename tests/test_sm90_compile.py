@@ -18,6 +18,7 @@ SCRIPT = textwrap.dedent('''
     import nemotron  # noqa: F401
     from nemotron.nvfp4.triton import gemm, quantize as q
     from nemotron.ssm_kernels.triton import conv_norm as cn, ssd
+    from nemotron.moe_kernels.triton import grouped_gemm as moe
 
     FLOATS = {"dt_lo", "dt_hi", "eps"}
 
@@ -68,6 +69,14 @@ SCRIPT = textwrap.dedent('''
                             {"x_ptr": "*bf16", "y_ptr": "*bf16", "idx_ptr": "*i32"}))
     done.append(compile_one(cn._gated_rmsnorm_fwd_kernel, dict(BG=1024),
                             {"x_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16"}))
+    idx = {n: "*i32" for n in ("perm_ptr", "blk_e_ptr", "blk_r_ptr", "offs_ptr")}
+    for gather, w_fp4, (_, bm, bn, warps, stages) in [(True, False, moe.CONFIGS[0]), (False, True, moe.CONFIGS[0]),
+                                                      (True, True, moe.CONFIGS[2]), (False, False, moe.CONFIGS[1])]:
+        types = dict(idx, a_ptr="*bf16", w_ptr="*u8" if w_fp4 else "*bf16", ws_ptr="*u8",
+                     out_ptr="*bf16" if gather else "*fp32")
+        done.append(compile_one(moe._moe_gemm_fwd_kernel, dict(
+            GATHER=gather, SCATTER=not gather, W_FP4=w_fp4, DOT_DTYPE=tl.bfloat16, IEEE=False, BM=bm, BN=bn,
+            BK=moe.BK), types))
     print("compiled", len(done), "kernels:", ", ".join(sorted(set(done))))
 ''')
 
@@ -76,4 +85,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 15 kernels" in r.stdout, r.stdout
+    assert "compiled 19 kernels" in r.stdout, r.stdout

@@ -251,3 +251,21 @@ def _bad_inputs():
 def test_bad_input_is_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(*_bad_inputs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 600])
+@pytest.mark.parametrize("nvfp4", [False, True])
+def test_super_shape_experts_on_gpu(t, nvfp4):
+    """Super's expert shapes (E 512, k 22, l 1024, I 2688) with bf16 wgmma, against the reference."""
+    g = torch.Generator(device="cuda").manual_seed(t)
+    e, k, lat, inter = 512, 22, 1024, 2688
+    x = torch.randn(t, lat, device="cuda", generator=g).bfloat16()
+    w, ids = mk.route(torch.randn(t, e, device="cuda", generator=g), top_k=k, scaling_factor=5.0)
+    up = torch.randn(e, inter, lat, device="cuda", generator=g) / lat ** 0.5
+    down = torch.randn(e, lat, inter, device="cuda", generator=g) / inter ** 0.5
+    up, down = (mk.quantize_experts(up), mk.quantize_experts(down)) if nvfp4 else (up.bfloat16(), down.bfloat16())
+    got = mk.experts(x, w, ids, up, down)
+    n = slice(0, 4)                                   # the fp64 reference on the first tokens
+    want = ref.experts_reference(x[n], w[n], ids[n], up, down)
+    _check(got[n], want, ref.experts_tolerance(x[n], w[n], ids[n], up, down, want))
