@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -76,6 +78,7 @@ def demo(argv=None) -> int:
     ok &= same
     print(f"{'dequantize -> bf16':24s} {'':18s} {str(same):>14s}")
     ok &= _demo_linear(x, xd, gpu)
+    ok &= _demo_moe(gpu)
     print("all kernels agree with the FP32 reference" if ok else "MISMATCH between kernel and reference")
     return 0 if ok else 1
 
@@ -114,6 +117,41 @@ def _demo_linear(x: torch.Tensor, xd: torch.Tensor, gpu: bool) -> bool:
         line = f"{label:24s} {err:18.4f} {str(close):>14s}"
         if gpu:
             line += f" {2 * m * n * k / _time_ms(run) / 1e9:15.2f}"
+        print(line)
+    return ok
+
+
+def _demo_moe(gpu: bool) -> bool:
+    """Routed experts (sigmoid top-k, grouped GEMM with relu2 and the routing weight fused), bf16 and
+    NVFP4 weights, kernel vs the fp64 reference; Super's shapes on a GPU, a small layer on CPU."""
+    from nemotron import moe_kernels as mk
+    from nemotron.moe_kernels import reference as ref
+
+    dev = torch.device("cuda" if gpu else "cpu")
+    t, e, k, lat, inter = (64, 512, 22, 1024, 2688) if gpu else (24, 16, 4, 64, 96)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, lat, generator=g).to(torch.bfloat16)
+    w, ids = mk.route(torch.randn(t, e, generator=g), top_k=k, scaling_factor=5.0)
+    up = torch.randn(e, inter, lat, generator=g) / lat ** 0.5
+    down = torch.randn(e, lat, inter, generator=g) / inter ** 0.5
+    print(f"\nLatentMoE experts: x [{t}, {lat}] bf16, E {e}, top-{k}, I {inter}")
+    print(f"{'weights':24s} {'rel err vs fp32 experts':>24s} {'kernel ~ ref':>14s}" + (f" {'weight GB/s':>12s}" if gpu else ""))
+    exact = ref.experts_reference(x, w, ids, up, down).double()
+    ok = True
+    for label, (wu, wd) in (("bf16", (up.bfloat16(), down.bfloat16())),
+                            ("NVFP4", (mk.quantize_experts(up), mk.quantize_experts(down)))):
+        args = [a.to(dev) for a in (x, w, ids, wu, wd)]
+        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "triton"}):
+            got = mk.experts(*args).cpu()
+        want = ref.experts_reference(x, w, ids, wu, wd)
+        close = bool(((got.double() - want.double()).abs() <= ref.experts_tolerance(x, w, ids, wu, wd, want)).all())
+        ok &= close
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        line = f"{label:24s} {err:24.4f} {str(close):>14s}"
+        if gpu:
+            touched = torch.unique(ids).numel()
+            per_weight = 0.5625 if label == "NVFP4" else 2
+            line += f" {touched * 2 * inter * lat * per_weight / _time_ms(lambda: mk.experts(*args)) / 1e6:12.1f}"
         print(line)
     return ok
 
