@@ -13,7 +13,9 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
     extras_require={
         # Triton 3.6's interpreter (the CPU test path) needs numpy < 2.3.
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "matplotlib", "safetensors", "numpy<2.3"],
+        # transformers only as a test oracle (HF NemotronH modules compared with ours).
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "matplotlib", "safetensors", "numpy<2.3",
+                 "transformers>=5.0"],
         "bench": ["matplotlib", "pytest-benchmark>=4"],
         "cutlass": ["nvidia-cutlass", "cuda-python"],
     },
