@@ -1,2 +1,7 @@
-"""The Nemotron 3 hybrid model (to come): HF-compatible config, layers, HF / ModelOpt checkpoint I/O,
-hybrid caches, generation with multi-token prediction."""
+"""The Nemotron 3 hybrid model: HF ``nemotron_h`` config and checkpoints, ModelOpt NVFP4 / FP8
+exports, the hybrid cache, and generation with multi-token prediction."""
+from .cache import HybridCache
+from .config import NemotronHConfig
+from .model import NemotronHForCausalLM
+
+__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "HybridCache"]

@@ -1,0 +1,202 @@
+"""The blocks of the hybrid model, under the checkpoint's names (``backbone.layers.{i}.mixer.*``).
+
+Each layer is pre-norm: ``h = h + mixer(rmsnorm(h))``; the mixer is a Mamba-2 mixer, GQA attention
+without positional encoding, a LatentMoE or a relu2 MLP. Heavy math goes through this package's ops
+(``nemotron.ssm_kernels``, ``nemotron.moe_kernels``, the NVFP4/FP8 linears after ``quantize_``), so
+the same modules run the references on CPU and the kernels on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe_kernels.layer import LatentMoE, ReLU2MLP
+from ..ssm_kernels import ops as ssm
+from .cache import HybridCache
+from .config import NemotronHConfig
+
+
+class RMSNorm(nn.Module):
+    """fp32 RMSNorm, weight applied in fp32, result in the input dtype (HF ``NemotronHRMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class GatedNormWeight(nn.Module):
+    """Holds ``mixer.norm.weight``; the math is :func:`nemotron.ssm_kernels.gated_rmsnorm`."""
+
+    def __init__(self, dim: int, *, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+
+class Conv1dWeight(nn.Module):
+    """Holds ``mixer.conv1d.weight [C, 1, W]`` and ``.bias [C]`` as nn.Conv1d stores them."""
+
+    def __init__(self, channels: int, width: int, bias: bool, *, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels, 1, width, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(channels, dtype=dtype, device=device)) if bias else None
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> [z | xBC | dt]; causal conv1d + silu on xBC; SSD scan (prefill) or state update
+    (decode); gated grouped RMSNorm of y * silu(z); out_proj."""
+
+    def __init__(self, cfg: NemotronHConfig, layer: int, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.cfg, self.layer = cfg, layer
+        self.heads, self.head_dim, self.n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size
+        self.inter, self.groups = cfg.mamba_intermediate, cfg.n_groups
+        self.in_proj = nn.Linear(cfg.hidden_size, self.inter + cfg.conv_dim + self.heads, bias=cfg.use_bias, **kw)
+        self.conv1d = Conv1dWeight(cfg.conv_dim, cfg.conv_kernel, cfg.use_conv_bias, **kw)
+        self.A_log = nn.Parameter(torch.zeros(self.heads, **kw))
+        self.D = nn.Parameter(torch.ones(self.heads, **kw))
+        self.dt_bias = nn.Parameter(torch.zeros(self.heads, **kw))
+        self.norm = GatedNormWeight(self.inter, **kw)
+        self.out_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.use_bias, **kw)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        zxbcdt = self.in_proj(x)
+        z, xbc, dt = zxbcdt.split([self.inter, self.cfg.conv_dim, self.heads], dim=-1)
+        w = self.conv1d.weight.squeeze(1)
+        bias = self.conv1d.bias
+        A = -torch.exp(self.A_log.float())
+        if cache is not None and (t == 1 or cache.recording):
+            y = self._steps(xbc, dt, w, bias, A, cache)
+        else:
+            conv0 = cache.conv[self.layer] if cache is not None else None
+            xbc, conv_final = ssm.causal_conv1d(xbc.contiguous(), w.contiguous(), bias, activation="silu",
+                                                initial_states=conv0, return_final_states=True)
+            xs, B, C = xbc.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
+            s0 = cache.ssm_initial(self.layer) if cache is not None else None
+            y, s_final = ssm.ssd_scan(xs.reshape(b, t, self.heads, self.head_dim), dt.contiguous(), A,
+                                      B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
+                                      chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                      dt_softplus=True, dt_limit=(self.cfg.time_step_min, float("inf")),
+                                      initial_states=s0, return_final_states=True)
+            if cache is not None:
+                cache.conv[self.layer].copy_(conv_final)
+                cache.store_ssm(self.layer, s_final)
+            y = y.reshape(b, t, self.inter)
+        y = ssm.gated_rmsnorm(y.contiguous(), z.contiguous(), self.norm.weight, group_size=self.inter // self.groups,
+                              eps=self.cfg.layer_norm_epsilon)
+        return self.out_proj(y)
+
+    def _steps(self, xbc, dt, w, bias, A, cache: HybridCache) -> torch.Tensor:
+        """Token by token through the cache (decode, and verification of drafted tokens, where the
+        states after every step are kept so the cache can roll back to any of them)."""
+        b, t, _ = xbc.shape
+        conv, ys = cache.conv[self.layer], []
+        # dt: softplus(dt + bias) clamped below at time_step_min, the prefill's dt_limit
+        dt_all = F.softplus(dt.float() + self.dt_bias.float()).clamp_min(self.cfg.time_step_min)
+        for j in range(t):
+            if cache.recording:
+                cache.record_conv(self.layer, conv)
+            xj = ssm.causal_conv1d_update(xbc[:, j].contiguous(), conv, w.contiguous(), bias, activation="silu")
+            xs, B, C = xj.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
+            state = cache.ssm_working(self.layer)
+            yj = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, j], A,
+                                            B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
+                                            D=self.D)
+            cache.commit_ssm_step(self.layer, state)
+            ys.append(yj.reshape(b, 1, self.inter))
+        return torch.cat(ys, 1)
+
+
+class Attention(nn.Module):
+    """GQA without positional encoding (Nemotron-H); torch SDPA over the static KV cache."""
+
+    def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(bias=cfg.attention_bias, dtype=dtype, device=device)
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, **kw)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)           # [B, NH, T, D]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        past = 0
+        if cache is not None:
+            past = cache.position(self.layer)
+            k, v = cache.append_kv(self.layer, k, v)                                        # [B, L, KVH, D]
+        k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+        if t == 1:
+            mask, causal = None, False
+        elif past == 0:
+            mask, causal = None, True
+        else:    # queries at positions past..past+t-1 see keys up to their own position
+            pos = torch.arange(past + t, device=x.device)
+            mask, causal = pos[None, :] <= (past + torch.arange(t, device=x.device))[:, None], False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim ** -0.5,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MoEMixer(LatentMoE):
+    """A LatentMoE that accepts (and ignores) the cache: it keeps no state across tokens."""
+
+    def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
+        lat = cfg.moe_latent_size
+        super().__init__(cfg.hidden_size, num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
+                         intermediate_size=cfg.moe_intermediate_size,
+                         shared_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                         latent_size=lat, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                         renormalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor, bias=cfg.mlp_bias,
+                         dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        return super().forward(h)
+
+
+class MLPMixer(ReLU2MLP):
+    def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        return super().forward(h)
+
+
+MIXERS = {"linear_attention": Mamba2Mixer, "full_attention": Attention, "moe": MoEMixer, "mlp": MLPMixer}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: NemotronHConfig, layer, kind: str, *, dtype=None, device=None):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=dtype, device=device)
+        self.mixer = MIXERS[kind](cfg, layer, dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), cache)
+
+
+class MTPLayer(Block):
+    """A sublayer of the MTP block. The first also holds ``eh_proj`` / ``enorm`` / ``hnorm`` (it mixes
+    the next token's embedding with the previous hidden state), the last ``final_layernorm``."""
+
+    def __init__(self, cfg: NemotronHConfig, layer, kind: str, *, first: bool, last: bool, dtype=None, device=None):
+        super().__init__(cfg, layer, kind, dtype=dtype, device=device)
+        h = cfg.hidden_size
+        if first:
+            self.enorm = RMSNorm(h, cfg.layer_norm_epsilon, dtype=dtype, device=device)
+            self.hnorm = RMSNorm(h, cfg.layer_norm_epsilon, dtype=dtype, device=device)
+            self.eh_proj = nn.Linear(2 * h, h, bias=False, dtype=dtype, device=device)
+        if last:
+            self.final_layernorm = RMSNorm(h, cfg.layer_norm_epsilon, dtype=dtype, device=device)

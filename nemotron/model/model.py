@@ -1,0 +1,125 @@
+"""``NemotronHForCausalLM``: the hybrid model under the checkpoint's names (``backbone.*``,
+``lm_head.weight``, ``mtp.layers.{j}.*``), so ``state_dict()`` is the HF checkpoint layout."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .cache import HybridCache
+from .config import NemotronHConfig
+from .layers import Block, MTPLayer, RMSNorm
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: NemotronHConfig, *, dtype=None, device=None):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList([Block(cfg, i, kind, dtype=dtype, device=device)
+                                     for i, kind in enumerate(cfg.layers_block_type)])
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=dtype, device=device)
+
+
+class MTP(nn.Module):
+    """The multi-token-prediction block: one set of sublayers (``mtp_layers_block_type``, "*E" in
+    Super) applied recursively to draft tokens; embeddings and lm_head are shared with the model."""
+
+    def __init__(self, cfg: NemotronHConfig, *, dtype=None, device=None):
+        super().__init__()
+        kinds = cfg.mtp_layers_block_type
+        self.layers = nn.ModuleList([MTPLayer(cfg, f"mtp.{j}", kind, first=j == 0, last=j == len(kinds) - 1,
+                                              dtype=dtype, device=device) for j, kind in enumerate(kinds)])
+
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache]) -> torch.Tensor:
+        """emb: embeddings of the next tokens ``[B, T, H]``; hidden: the hidden states at the current
+        positions ``[B, T, H]`` (the model's final-normed states, or the previous MTP step's).
+        Returns the new hidden states (final-normed), whose logits predict one token further."""
+        first = self.layers[0]
+        h = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(hidden)], dim=-1))
+        for layer in self.layers:
+            h = layer(h, cache)
+        return self.layers[-1].final_layernorm(h)
+
+
+class NemotronHForCausalLM(nn.Module):
+    """Nemotron-H (Mamba-2 + attention + LatentMoE, optional MTP), HF ``nemotron_h`` compatible.
+
+    Example::
+
+        >>> model = NemotronHForCausalLM.random(NemotronHConfig.preset("tiny"), seed=0)
+        >>> logits = model(torch.tensor([[1, 5, 7]]))                     # [1, 3, vocab] fp32
+        >>> out = model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=8, mtp_draft_tokens=2)
+    """
+
+    def __init__(self, config: NemotronHConfig, *, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, dtype=dtype, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.mtp = MTP(config, dtype=dtype, device=device) if config.num_nextn_predict_layers else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, **kwargs) -> HybridCache:
+        """A cache for ``batch`` sequences of up to ``max_len`` tokens (see :class:`HybridCache`)."""
+        return HybridCache(self.config, batch, max_len, device=self.device, dtype=self.dtype,
+                           mtp=self.mtp is not None, **kwargs)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids: expected an int tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if cache is not None and input_ids.shape[0] != cache.batch:
+            raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
+        h = self.backbone.embeddings(input_ids)
+        for layer in self.backbone.layers:
+            h = layer(h, cache)
+        if cache is not None and not cache.recording:
+            cache.advance(input_ids.shape[1])
+        return self.backbone.norm_f(h)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[HybridCache] = None) -> torch.Tensor:
+        """Logits fp32 ``[B, T, vocab]`` for ``input_ids [B, T]``; with a cache, the tokens continue
+        the cached ones (prefill, chunked prefill or decode) and the cache advances."""
+        return self.lm_head(self.hidden_states(input_ids, cache)).float()
+
+    def mtp_step(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache] = None):
+        """One MTP application: (hidden ``[B, T, H]``, logits fp32 ``[B, T, vocab]``)."""
+        if self.mtp is None:
+            raise ValueError("mtp_step: this model has no MTP block (num_nextn_predict_layers = 0)")
+        h = self.mtp(self.backbone.embeddings(next_ids), hidden, cache)
+        if cache is not None:
+            cache.advance(next_ids.shape[1], mtp=True)
+        return h, self.lm_head(h).float()
+
+    # -- construction and checkpoints (nemotron/model/checkpoint.py) ----------------------------
+    @classmethod
+    def random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0):
+        """Random weights built layer by layer in the target format (``recipe`` as in
+        :func:`nemotron.quantize_`), never holding the whole model in full precision."""
+        from .checkpoint import build_random
+        return build_random(cls, config, device=device, dtype=dtype, recipe=recipe, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False):
+        """Load an HF ``nemotron_h`` checkpoint directory (single file or sharded) or a ModelOpt
+        NVFP4 / FP8 / MIXED_PRECISION export of one."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, device=device, dtype=dtype, progress=progress)
+
+    def save_pretrained(self, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
+        """Write config.json (+ the ModelOpt quantization config when quantized) and safetensors."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """See :func:`nemotron.model.generate.generate`."""
+        from .generate import generate
+        return generate(self, input_ids, **kwargs)
