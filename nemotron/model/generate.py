@@ -1,0 +1,132 @@
+"""Generation: (chunked) prefill, decode, and self-speculative decoding with the MTP block.
+
+With ``mtp_draft_tokens=k`` each round: the MTP block catches up on the positions the main model
+accepted last round, drafts k tokens by applying itself recursively, the main model verifies
+``[last token, draft_1..draft_k]`` in one forward (Mamba layers token by token with every state
+kept), the longest agreeing prefix plus the model's own next token are emitted, and the cache rolls
+back to the last accepted token. Every emitted token is the main model's choice (greedy: its
+argmax; sampling: a sample from its distribution), so greedy output is the same with MTP on or off.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Next tokens ``[B]`` from fp32 logits ``[B, V]`` without host syncs."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p              # the smallest set reaching top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _prefill(model, input_ids, cache, chunk: Optional[int], keep_all: bool) -> torch.Tensor:
+    t = input_ids.shape[1]
+    step = chunk or t
+    hs = []
+    for s in range(0, t, step):
+        h = model.hidden_states(input_ids[:, s:s + step], cache)    # Mamba states carried between chunks
+        hs.append(h if keep_all else h[:, -1:])
+    return torch.cat(hs, 1) if keep_all else hs[-1]
+
+
+def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             mtp_draft_tokens: int = 0, prefill_chunk: Optional[int] = None, eos_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, cache_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens; returns ``[B, T + n]``.
+
+    Args:
+        temperature: 0 = greedy; otherwise softmax sampling at this temperature (with ``top_p``
+            nucleus filtering) using ``generator``.
+        mtp_draft_tokens: k > 0 drafts k tokens per round with the MTP block (batch 1); statistics
+            land in ``model.last_generate_stats`` (drafted, accepted, acceptance rate, rounds).
+        prefill_chunk: prefill the prompt in chunks of this many tokens (long prompts).
+        eos_token_id: stop a sequence there (finished rows of a batch continue with the pad token).
+        cache_kwargs: passed to :meth:`NemotronHForCausalLM.new_cache` (``kv_dtype``, ``ssm_dtype``,
+            ``ssm_rounding``).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk: expected a positive int, got {prefill_chunk}")
+    k = mtp_draft_tokens
+    if k < 0 or (k and model.mtp is None):
+        raise ValueError(f"mtp_draft_tokens: expected 0, or k > 0 with a model that has an MTP block, got {k}")
+    if k and input_ids.shape[0] != 1:
+        raise ValueError(f"mtp_draft_tokens: speculative decoding runs batch 1, got batch {input_ids.shape[0]}")
+    b, t = input_ids.shape
+    input_ids = input_ids.to(model.device)
+    cache = model.new_cache(b, t + max_new_tokens + k + 1, **(cache_kwargs or {}))
+    with torch.no_grad():
+        hidden = _prefill(model, input_ids, cache, prefill_chunk, keep_all=k > 0)
+        nxt = _sample(model.lm_head(hidden[:, -1]).float(), temperature, top_p, generator)
+        if k:
+            out = _speculate(model, input_ids, hidden, nxt, cache, max_new_tokens, k, temperature, top_p, generator,
+                             eos_token_id)
+        else:
+            out = _decode(model, nxt, cache, max_new_tokens, temperature, top_p, generator, eos_token_id)
+    return torch.cat([input_ids, out], 1)
+
+
+def _decode(model, nxt, cache, max_new, temperature, top_p, generator, eos):
+    pad = model.config.pad_token_id
+    done = torch.zeros_like(nxt, dtype=torch.bool)
+    tokens = []
+    for i in range(max_new):
+        if eos is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            done = done | (nxt == eos)
+        tokens.append(nxt)
+        if i + 1 == max_new or (eos is not None and bool(done.all())):
+            break
+        nxt = _sample(model(nxt[:, None], cache=cache)[:, -1], temperature, top_p, generator)
+    model.last_generate_stats = {"rounds": len(tokens), "drafted": 0, "accepted": 0}
+    return torch.stack(tokens, 1)
+
+
+def _speculate(model, input_ids, hidden, nxt, cache, max_new, k, temperature, top_p, generator, eos):
+    emitted = [int(nxt)]
+    pend_h = hidden                                                  # positions the MTP has not seen
+    pend_tok = torch.cat([input_ids[:, 1:], nxt[:, None]], 1)        # the token after each of them
+    last = nxt
+    drafted = accepted = rounds = 0
+    while len(emitted) < max_new and not (eos is not None and emitted[-1] == eos):
+        rounds += 1
+        # draft: catch up on the pending positions, then apply the MTP block recursively
+        h_m, lg = model.mtp_step(pend_tok, pend_h, cache)
+        drafts = [lg[:, -1].argmax(-1)]
+        for _ in range(k - 1):
+            h_m, lg = model.mtp_step(drafts[-1][:, None], h_m[:, -1:], cache)
+            drafts.append(lg[:, -1].argmax(-1))
+        cache.mtp_len -= k - 1                                       # the recursive steps were speculative
+        # verify [last, d_1..d_k] in one forward; emit the agreeing prefix and the model's next token
+        cache.begin_verify()
+        hv = model.hidden_states(torch.stack([last, *drafts], 1), cache)
+        target = _sample(model.lm_head(hv[0]).float(), temperature, top_p, generator)       # [k + 1]
+        d = torch.stack(drafts, 1)[0]
+        agree = (d == target[:k]).int().cumprod(0).sum()
+        n_acc = int(agree)
+        cache.accept(n_acc + 1)
+        new = d[:n_acc].tolist() + [int(target[n_acc])]
+        drafted, accepted = drafted + k, accepted + n_acc
+        pend_h = hv[:, :n_acc + 1]
+        pend_tok = torch.tensor([new], device=hv.device)
+        last = target[n_acc:n_acc + 1]
+        for tok in new:
+            if len(emitted) < max_new and not (eos is not None and emitted[-1] == eos):
+                emitted.append(tok)
+    model.last_generate_stats = {"rounds": rounds, "drafted": drafted, "accepted": accepted,
+                                 "acceptance_rate": accepted / drafted if drafted else 0.0,
+                                 "tokens_per_round": (len(emitted) - 1) / rounds if rounds else 0.0}
+    return torch.tensor([emitted], device=input_ids.device)
