@@ -100,10 +100,12 @@ class NemotronHConfig:
         d = dict(d)
         if d.get("model_type", "nemotron_h") != "nemotron_h":
             raise ValueError(f"config: expected model_type 'nemotron_h', got {d.get('model_type')!r}")
-        if "hybrid_override_pattern" in d and "layers_block_type" not in d:
-            d["layers_block_type"] = list(d["hybrid_override_pattern"])
-        if "mtp_hybrid_override_pattern" in d and "mtp_layers_block_type" not in d:
-            d["mtp_layers_block_type"] = list(d["mtp_hybrid_override_pattern"])
+        for types, pattern in (("layers_block_type", "hybrid_override_pattern"),
+                               ("mtp_layers_block_type", "mtp_hybrid_override_pattern")):
+            if d.get(types) is None:
+                d.pop(types, None)
+                if d.get(pattern):
+                    d[types] = list(d[pattern])
         if "mamba_n_groups" in d and "n_groups" not in d:
             d["n_groups"] = d["mamba_n_groups"]
         if "torch_dtype" in d and "dtype" not in d:
