@@ -1,4 +1,10 @@
-"""Command line: ``python -m nemotron demo`` (or the ``nemotron`` console script)."""
+"""Command line (``python -m nemotron`` or the ``nemotron`` console script):
+
+  demo                                  the tiny model: NVFP4, eager vs torch.compile(backend="nemotron"),
+                                        generation with and without MTP; then every kernel vs its reference
+  generate --model DIR [--ids 1,2,3 | --prompt TEXT]   generate from a checkpoint
+  quantize --model DIR --recipe R --out DIR            BF16 HF checkpoint -> ModelOpt NVFP4 checkpoint
+"""
 from __future__ import annotations
 
 import argparse
@@ -34,11 +40,68 @@ def _time_ms(fn, iters: int = 20) -> float:
 
 
 def demo(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nemotron demo", description="The tiny model end to end, then every kernel.")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
+    a, rest = p.parse_known_args(argv)
+    ok = _demo_model(compile_model=not a.no_compile)
+    print()
+    return kernels_demo(rest) or (0 if ok else 1)
+
+
+def _demo_model(compile_model: bool) -> bool:
+    """Builds the tiny preset, quantizes it to NVFP4, runs it eagerly and compiled, generates with
+    and without MTP (greedy output must be identical)."""
+    import time
+    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
+    from nemotron import _triton
+
+    dev = torch.device("cuda" if not _triton.interpreting() else "cpu")
+    cfg = NemotronHConfig.preset("tiny")
+    model = NemotronHForCausalLM.random(cfg, device=dev, seed=0)
+    with torch.no_grad():                       # unit-scale weights so every layer matters
+        g = torch.Generator(device=dev).manual_seed(0)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g, device=dev) / p.shape[-1] ** 0.5)
+    ids = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(dev)
+    print(f"tiny Nemotron-H: pattern {cfg.hybrid_override_pattern} + an MTP block, hidden {cfg.hidden_size}, "
+          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent {cfg.moe_latent_size}, on {dev}")
+    with torch.no_grad():
+        ref_logits = model(ids)
+        nemotron.quantize_(model, "nvfp4", exclude=["lm_head"])
+        q_logits = model(ids)
+    rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
+    print(f"NVFP4 (all linears and experts but lm_head) vs fp32 logits: rel err {rel:.4f}")
+    ok = True
+    if compile_model:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, backend="nemotron")
+        with torch.no_grad():
+            c_logits = compiled(ids)
+        same = torch.allclose(c_logits, q_logits, rtol=1e-4, atol=1e-4 * q_logits.abs().max().item())
+        ok &= same
+        print(f"torch.compile(backend='nemotron') == eager: {same} (compile + first run {time.perf_counter() - t0:.1f} s)")
+    runs = {}
+    for k in (0, 3):
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=32, mtp_draft_tokens=k)
+        runs[k] = (out, time.perf_counter() - t0, dict(model.last_generate_stats))
+    same = torch.equal(runs[0][0], runs[3][0])
+    ok &= same
+    for k, (out, secs, st) in runs.items():
+        extra = (f", MTP k={k}: acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_round']:.2f} tokens/round"
+                 if k else "")
+        print(f"generate 32 tokens {'with' if k else 'without'} MTP: {32 / secs:.1f} tok/s{extra}")
+    print(f"greedy output with MTP == without: {same} (random weights: the MTP head drafts badly, so acceptance is low)")
+    return ok
+
+
+def kernels_demo(argv=None) -> int:
     from nemotron.nvfp4 import reference as ref
     from nemotron.nvfp4.triton import quantize as kernels
     from nemotron import _triton
 
-    p = argparse.ArgumentParser(prog="nemotron demo", description="Quantize a tensor through every NVFP4 path.")
+    p = argparse.ArgumentParser(prog="nemotron demo", description="Every kernel against its reference.")
     p.add_argument("--rows", type=int, default=None, help="rows of the test tensor (default 8192 on GPU, 96 on CPU)")
     p.add_argument("--cols", type=int, default=None, help="K, a multiple of 16 (default 4096 on GPU, 1024 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -156,9 +219,68 @@ def _demo_moe(gpu: bool) -> bool:
     return ok
 
 
+def generate_cmd(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nemotron generate", description="Generate from a nemotron_h checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF or ModelOpt)")
+    p.add_argument("--ids", default=None, help="comma-separated prompt token ids")
+    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json in the model directory)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--mtp", type=int, default=0, help="draft tokens per step with the MTP block")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    from nemotron.model import NemotronHForCausalLM
+    if (a.ids is None) == (a.prompt is None):
+        p.error("give exactly one of --ids and --prompt")
+    tok = None
+    if a.prompt is not None:
+        path = os.path.join(a.model, "tokenizer.json")
+        if not os.path.exists(path):
+            p.error(f"--prompt: no tokenizer.json in {a.model}; pass --ids instead")
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(path)
+        ids = tok.encode(a.prompt).ids
+    else:
+        ids = [int(t) for t in a.ids.split(",") if t.strip()]
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, top_p=a.top_p, mtp_draft_tokens=a.mtp,
+                         eos_token_id=model.config.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
+    if a.mtp:
+        print(f"MTP: {model.last_generate_stats}", file=sys.stderr)
+    return 0
+
+
+def quantize_cmd(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nemotron quantize", description="BF16 HF checkpoint -> ModelOpt-format checkpoint.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--recipe", default="nvfp4-experts",
+                   help="nvfp4 | nvfp4-experts | a JSON file mapping module names to nvfp4 / fp8 / keep")
+    p.add_argument("--out", required=True)
+    p.add_argument("--exclude", default="lm_head,mtp.*", help="comma-separated module patterns kept in BF16")
+    a = p.parse_args(argv)
+    from nemotron.model import NemotronHForCausalLM
+    recipe = a.recipe
+    if recipe.endswith(".json"):
+        import json
+        with open(recipe) as f:
+            recipe = json.load(f)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
+    # ModelOpt's NVFP4 is W4A4 (activations quantized on the fly)
+    nemotron.quantize_(model, recipe, exclude=[e for e in a.exclude.split(",") if e], act_quant="nvfp4")
+    model.save_pretrained(a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo}
+    commands = {"demo": demo, "generate": generate_cmd, "quantize": quantize_cmd}
     if not argv or argv[0] not in commands:
         print(f"usage: nemotron {{{','.join(commands)}}} [options]   (see nemotron <command> --help)", file=sys.stderr)
         return 2

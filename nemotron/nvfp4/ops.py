@@ -179,7 +179,7 @@ def _check_global_scale(global_scale, x: torch.Tensor) -> Optional[torch.Tensor]
     if global_scale.device != x.device:
         raise ValueError(f"global_scale: expected a tensor on {x.device}, got {global_scale.device}")
     gs = global_scale.float().reshape(())
-    if not gs.is_cuda:  # on CUDA this check would cost a host sync; CUDA callers own the value
+    if not gs.is_cuda and not torch.compiler.is_compiling():  # a host sync on CUDA: CUDA callers own the value
         v = gs.item()
         if not (v > 0 and v < float("inf")):
             raise ValueError(f"global_scale: expected a positive finite decode scale, got {v}")
