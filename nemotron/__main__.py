@@ -262,6 +262,9 @@ def quantize_cmd(argv=None) -> int:
                    help="nvfp4 | nvfp4-experts | a JSON file mapping module names to nvfp4 / fp8 / keep")
     p.add_argument("--out", required=True)
     p.add_argument("--exclude", default="lm_head,mtp.*", help="comma-separated module patterns kept in BF16")
+    p.add_argument("--input-scale", type=float, default=None,
+                   help="a static activation decode scale for W4A4 (ModelOpt's input_scale; from calibration); "
+                        "without it the export is weight-only (W4A16)")
     a = p.parse_args(argv)
     from nemotron.model import NemotronHForCausalLM
     recipe = a.recipe
@@ -271,8 +274,13 @@ def quantize_cmd(argv=None) -> int:
             recipe = json.load(f)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
-    # ModelOpt's NVFP4 is W4A4 (activations quantized on the fly)
-    nemotron.quantize_(model, recipe, exclude=[e for e in a.exclude.split(",") if e], act_quant="nvfp4")
+    nemotron.quantize_(model, recipe, exclude=[e for e in a.exclude.split(",") if e])
+    if a.input_scale is not None:
+        from nemotron.nvfp4 import NVFP4Linear
+        for mod in model.modules():
+            if isinstance(mod, NVFP4Linear):
+                mod.act_quant = "nvfp4"
+                mod.input_scale = torch.tensor(a.input_scale, dtype=torch.float32, device=mod.weight.device)
     model.save_pretrained(a.out)
     print(f"wrote {a.out}")
     return 0

@@ -74,8 +74,15 @@ def _apply_recipe(model: nn.Module, recipe: dict) -> None:
     if fp8_experts:
         raise ValueError(f"quantization config: FP8 routed experts are not supported (e.g. {fp8_experts[0]}); "
                          "the routed experts run in NVFP4 or in the model dtype")
-    # ModelOpt's NVFP4 is W4A4: activations quantized with the checkpoint's input_scale
-    quantize_(model, recipe, act_quant="nvfp4")
+    quantize_(model, recipe)
+
+
+def _activation_modes(model: nn.Module) -> None:
+    """ModelOpt's NVFP4 is W4A4 with a calibrated static ``input_scale``: a linear whose checkpoint
+    carries one quantizes its activations with it; one without (weight-only export) runs W4A16."""
+    for mod in model.modules():
+        if isinstance(mod, NVFP4Linear):
+            mod.act_quant = "nvfp4" if mod.input_scale is not None else None
 
 
 def quant_config_of(model: nn.Module) -> Optional[dict]:
@@ -214,6 +221,7 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
         problems.append(f"unexpected {len(result.unexpected_keys)} tensor(s), e.g. {result.unexpected_keys[:5]}")
     if problems:
         raise ValueError(f"checkpoint {path}: " + "; ".join(problems))
+    _activation_modes(model)
     return model.eval()
 
 

@@ -188,7 +188,9 @@ def test_quantize_save_load_round_trip_with_modelopt_names(tmp_path):
     recipe = {"backbone.layers.0.mixer.in_proj": "fp8", "backbone.layers.2.mixer.o_proj": "nvfp4"}
     recipe.update({f"backbone.layers.1.mixer.experts.{e}.{p}": {"quant_algo": "NVFP4"}
                    for e in range(8) for p in ("up_proj", "down_proj")})
-    nemotron.quantize_(m, recipe, act_quant="nvfp4")
+    nemotron.quantize_(m, recipe)
+    o_proj = m.backbone.layers[2].mixer.o_proj          # W4A4 with a static (calibrated) input scale
+    o_proj.act_quant, o_proj.input_scale = "nvfp4", torch.tensor(0.01)
     ids = torch.randint(0, 256, (1, 13))
     with torch.no_grad():
         want = m(ids)
@@ -200,12 +202,14 @@ def test_quantize_save_load_round_trip_with_modelopt_names(tmp_path):
     assert dt("backbone.layers.1.mixer.experts.5.up_proj.weight_scale") == "F8_E4M3"
     assert dt("backbone.layers.1.mixer.experts.5.up_proj.weight_scale_2") == "F32"
     assert dt("backbone.layers.0.mixer.in_proj.weight") == "F8_E4M3"
-    assert dt("backbone.layers.2.mixer.o_proj.weight") == "U8"
+    assert dt("backbone.layers.2.mixer.o_proj.weight") == "U8" and dt("backbone.layers.2.mixer.o_proj.input_scale") == "F32"
     assert f.get_slice("backbone.layers.2.mixer.o_proj.weight").get_shape() == [64, 32]
     assert dt("backbone.layers.3.mixer.experts.0.up_proj.weight") == "F32"     # not in the recipe
     q = json.load(open(tmp_path / "hf_quant_config.json"))["quantization"]
     assert q["quant_algo"] == "MIXED_PRECISION" and q["quantized_layers"]["backbone.layers.0.mixer.in_proj"]["quant_algo"] == "FP8"
     again = NemotronHForCausalLM.from_pretrained(str(tmp_path))
+    assert again.backbone.layers[2].mixer.o_proj.act_quant == "nvfp4"
+    assert again.backbone.layers[1].mixer.experts.quant == "nvfp4"
     with torch.no_grad():
         assert torch.equal(again(ids), want)
 
@@ -215,7 +219,7 @@ def test_uniform_nvfp4_modelopt_config_with_exclusions(tmp_path):
                                                              "exclude_modules": ["lm_head", "*.q_proj", "mtp*"]}}
     # an NVFP4 export of this model: quantize it ourselves, then relabel the config as uniform NVFP4
     q = _scaled(_tiny(seed=9), seed=9)
-    nemotron.quantize_(q, "nvfp4", exclude=["lm_head", "*.q_proj", "mtp*"], act_quant="nvfp4")
+    nemotron.quantize_(q, "nvfp4", exclude=["lm_head", "*.q_proj", "mtp*"])
     q.save_pretrained(str(tmp_path))
     json.dump(hq, open(tmp_path / "hf_quant_config.json", "w"))
     cfg = json.load(open(tmp_path / "config.json"))
@@ -307,3 +311,17 @@ def test_generate_bad_arguments():
     with pytest.raises(ValueError, match="max_len"):
         cache = m.new_cache(1, 2)
         m(ids, cache=cache)
+
+
+def test_cli_quantize_then_generate(tmp_path, capsys):
+    from nemotron.__main__ import main
+    m = _scaled(_tiny(seed=13), seed=13)
+    m.save_pretrained(str(tmp_path / "bf16"))
+    assert main(["quantize", "--model", str(tmp_path / "bf16"), "--recipe", "nvfp4", "--out", str(tmp_path / "q")]) == 0
+    q = json.load(open(tmp_path / "q" / "hf_quant_config.json"))["quantization"]["quantized_layers"]
+    assert "backbone.layers.0.mixer.in_proj" in q and "lm_head" not in q and not any(k.startswith("mtp.") for k in q)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "q"), "--ids", "5,6,7", "--max-new-tokens", "4", "--mtp", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    want = NemotronHForCausalLM.from_pretrained(str(tmp_path / "q")).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    assert [int(t) for t in out.split(",")] == want[0, 3:].tolist()
