@@ -325,3 +325,9 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()[-1]
     want = NemotronHForCausalLM.from_pretrained(str(tmp_path / "q")).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
     assert [int(t) for t in out.split(",")] == want[0, 3:].tolist()
+
+
+def test_model_benchmark_runs():
+    from bench import model as bench_model
+    assert bench_model.main(["--preset", "tiny", "--impls", "reference", "--prefill", "8", "--contexts", "16",
+                             "--steps", "1", "--no-save"]) == 0

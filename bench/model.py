@@ -1,0 +1,109 @@
+"""End-to-end model benchmark: prefill tokens/s and batch-1 decode tokens/s versus context length.
+
+``python -m bench.model --preset super-120b-a12b --recipe nvfp4`` builds the preset with random
+weights directly in the target format on the GPU (``NemotronHForCausalLM.random``), then for each
+implementation (``reference``: the plain-torch paths; ``kernels``: the Triton kernels) times
+
+  prefill  a forward over T fresh tokens (T in --prefill), tokens / s
+  decode   one-token steps on a cache holding C tokens (C in --contexts); the cache's KV entries and
+           Mamba states are filled with random values instead of prefilling C tokens, which leaves
+           the per-step work unchanged (attention reads C cached positions, Mamba is O(1))
+
+Results go to ``bench/results/<device>/model_<preset>.json``. On CPU the defaults are the tiny
+preset and short contexts (CPU numbers, interpreter for the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from unittest import mock
+
+import torch
+
+import nemotron  # noqa: F401  (chooses Triton's interpreter before triton is imported)
+from nemotron.model import NemotronHConfig, NemotronHForCausalLM
+
+from . import harness
+
+
+def _fill_cache(cache, context: int, gen: torch.Generator) -> None:
+    for k, v in cache.kv.values():
+        k[:, :context].copy_(torch.randn(k[:, :context].shape, generator=gen, device=k.device).to(k.dtype))
+        v[:, :context].copy_(torch.randn(v[:, :context].shape, generator=gen, device=v.device).to(v.dtype))
+    for s in cache.ssm.values():
+        s.copy_(torch.randn(s.shape, generator=gen, device=s.device).to(s.dtype) * 0.1)
+    for c in cache.conv.values():
+        c.copy_(torch.randn(c.shape, generator=gen, device=c.device).to(c.dtype))
+    cache.seq_len = context
+
+
+def _time(fn, device, reps: int) -> float:
+    fn()
+    harness._sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    harness._sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def run(preset: str, recipe, impls, prefill, contexts, steps: int, kv_dtype, device) -> dict:
+    cfg = NemotronHConfig.preset(preset)
+    model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for impl in impls:
+        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference" if impl == "reference" else "triton"}):
+            with torch.no_grad():
+                for t in prefill:
+                    ids = torch.randint(3, cfg.vocab_size, (1, t), generator=gen, device=device)
+                    sec = _time(lambda: model(ids, cache=model.new_cache(1, t, kv_dtype=kv_dtype)), device, 2)
+                    rows.append(dict(impl=impl, phase="prefill", tokens=t, seconds=sec, tokens_per_s=t / sec))
+                    print(f"{impl:10s} prefill {t:8d} tokens: {t / sec:10.1f} tok/s", flush=True)
+                for c in contexts:
+                    cache = model.new_cache(1, c + steps + 1, kv_dtype=kv_dtype)
+                    _fill_cache(cache, c, gen)
+                    tok = torch.randint(3, cfg.vocab_size, (1, 1), generator=gen, device=device)
+
+                    def step():
+                        cache.seq_len = c                    # every step decodes at context c
+                        model(tok, cache=cache)
+                    sec = _time(step, device, steps)
+                    rows.append(dict(impl=impl, phase="decode", context=c, seconds=sec, tokens_per_s=1 / sec))
+                    print(f"{impl:10s} decode at context {c:8d}: {1 / sec:10.1f} tok/s", flush=True)
+    info = harness.device_info(device)
+    return dict(kernel=f"model_{preset}", preset=preset, recipe=recipe, kv_dtype=str(kv_dtype), device=info,
+                cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def main(argv=None) -> int:
+    device = harness.env_device()
+    gpu = device.type == "cuda"
+    p = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="super-120b-a12b" if gpu else "tiny")
+    p.add_argument("--recipe", default="nvfp4-experts" if gpu else None,
+                   help="quantize_ recipe for the random weights (nvfp4 | nvfp4-experts; default none on CPU)")
+    p.add_argument("--impls", default="kernels,reference" if gpu else "reference,kernels")
+    p.add_argument("--prefill", default="1024,8192" if gpu else "64")
+    p.add_argument("--contexts", default="1024,32768,131072,524288" if gpu else "64,512")
+    p.add_argument("--steps", type=int, default=20 if gpu else 3)
+    p.add_argument("--kv-fp8", action="store_true", help="FP8 KV cache")
+    p.add_argument("--no-save", action="store_true")
+    a = p.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    doc = run(a.preset, a.recipe, a.impls.split(","), ints(a.prefill), ints(a.contexts), a.steps,
+              torch.float8_e4m3fn if a.kv_fp8 else None, device)
+    if not a.no_save:
+        out = harness.RESULTS / harness.slug(doc["device"])
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{doc['kernel']}.json"
+        path.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
