@@ -331,3 +331,15 @@ def test_model_benchmark_runs():
     from bench import model as bench_model
     assert bench_model.main(["--preset", "tiny", "--impls", "reference", "--prefill", "8", "--contexts", "16",
                              "--steps", "1", "--no-save"]) == 0
+
+
+@pytest.mark.gpu
+def test_tiny_model_on_gpu_kernels_match_reference_and_mtp_is_exact():
+    m = _scaled(_tiny(seed=14), seed=14).cuda()
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(15)).cuda()
+    with torch.no_grad():
+        got = m(ids)
+        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference"}):
+            want = m(ids)
+    _close(got, want, rel=1e-3, what="GPU kernels (fp32, tf32-free) vs reference")
+    assert torch.equal(m.generate(ids, max_new_tokens=16, mtp_draft_tokens=3), m.generate(ids, max_new_tokens=16))
