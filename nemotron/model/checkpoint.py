@@ -70,11 +70,11 @@ def recipe_from_quant_config(q: dict, model: nn.Module) -> dict:
 
 
 def _apply_recipe(model: nn.Module, recipe: dict) -> None:
-    fp8_experts = [n for n, f in recipe.items() if f == "fp8" and ".experts." in n and "shared_experts" not in n]
-    if fp8_experts:
-        raise ValueError(f"quantization config: FP8 routed experts are not supported (e.g. {fp8_experts[0]}); "
-                         "the routed experts run in NVFP4 or in the model dtype")
-    quantize_(model, recipe)
+    # FP8 routed experts (ModelOpt FP8 exports) load dequantized into the model dtype: the grouped
+    # GEMM takes float or NVFP4 experts
+    stacks = {n for n, m in model.named_modules() if isinstance(m, MoEExperts)}
+    fp8_expert = lambda n: recipe[n] == "fp8" and n.rsplit(".", 2)[0] in stacks  # noqa: E731
+    quantize_(model, {n: f for n, f in recipe.items() if not fp8_expert(n)})
 
 
 def _activation_modes(model: nn.Module) -> None:

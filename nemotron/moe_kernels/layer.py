@@ -135,6 +135,8 @@ class MoEExperts(nn.Module):
     def _load_per_expert(self, mine, own, pattern, prefix, missing_keys) -> set:
         used = set()
         fields = ("weight",) if self.quant is None else ("weight", "weight_scale", "weight_scale_2")
+        if self.quant is None:      # FP8 per-tensor experts (ModelOpt FP8): dequantized into the float stack
+            used |= self._dequantize_fp8(mine, own, prefix)
         for name in ("up_proj", "down_proj"):
             parts = {f: [] for f in (*fields, "input_scale")}
             for e in own:
@@ -151,6 +153,20 @@ class MoEExperts(nn.Module):
             if any(len(parts[f]) != len(own) for f in fields):
                 continue  # reported as missing
             self._assign(name, parts, prefix)
+        return used
+
+    def _dequantize_fp8(self, mine, own, prefix) -> set:
+        used = set()
+        for e in own:
+            for name in ("up_proj", "down_proj"):
+                key = f"{e}.{name}.weight"
+                if key in mine and mine[key].dtype == torch.float8_e4m3fn:
+                    scale = mine.get(f"{e}.{name}.weight_scale")
+                    if scale is None or scale.numel() != 1:
+                        raise ValueError(f"{prefix}{e}.{name}.weight_scale: an FP8 expert weight needs its "
+                                         "one-element weight_scale")
+                    mine[key] = mine[key].float() * scale.float().reshape(())
+                    used |= {f"{e}.{name}.weight_scale", f"{e}.{name}.input_scale"} & set(mine)
         return used
 
     def _assign(self, name: str, parts: dict, prefix: str):

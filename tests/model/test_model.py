@@ -25,10 +25,10 @@ def _close(got, want, rel=REL, what=""):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} * max |want| {scale:.3g}"
 
 
-def _hf_model(pattern, seed, *, latent=32, n_group=1, topk_group=1, k=2, experts=4):
+def _hf_model(pattern, seed, *, latent=32, n_group=1, topk_group=1, k=2, experts=4, mamba_groups=2):
     cfg = transformers.NemotronHConfig(
         vocab_size=96, hidden_size=64, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern),
-        mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
+        mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=mamba_groups, chunk_size=16,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=experts,
         num_experts_per_tok=k, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
         moe_latent_size=latent, intermediate_size=48, n_group=n_group, topk_group=topk_group,
@@ -50,7 +50,7 @@ def hf_configs(draw):
     pattern = draw(st.sampled_from(["ME*E", "M*EM-", "*MEM", "MEME*", "EM*M"]))
     n_group = draw(st.sampled_from([1, 2]))
     return dict(pattern=pattern, latent=draw(st.sampled_from([None, 32])), n_group=n_group,
-                topk_group=1, k=draw(st.integers(1, 2)), experts=4)
+                topk_group=1, k=draw(st.integers(1, 2)), experts=4, mamba_groups=draw(st.sampled_from([1, 2, 4])))
 
 
 @settings(max_examples=6)
@@ -343,3 +343,37 @@ def test_tiny_model_on_gpu_kernels_match_reference_and_mtp_is_exact():
             want = m(ids)
     _close(got, want, rel=1e-3, what="GPU kernels (fp32, tf32-free) vs reference")
     assert torch.equal(m.generate(ids, max_new_tokens=16, mtp_draft_tokens=3), m.generate(ids, max_new_tokens=16))
+
+
+def test_fp8_modelopt_checkpoint_with_fp8_experts(tmp_path):
+    """ModelOpt FP8 (the Hopper checkpoint): FP8 linears load as FP8Linear, FP8 routed experts are
+    dequantized (weight * weight_scale, exact in fp32) into the float expert stack."""
+    from safetensors.torch import load_file, save_file
+    from nemotron.nvfp4 import reference as nref
+    m = _scaled(_tiny(seed=16), seed=16)
+    linears = {n: "fp8" for n, mod in m.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n != "lm_head" and not n.startswith("mtp.")}
+    nemotron.quantize_(m, linears)
+    m.save_pretrained(str(tmp_path))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for key in [k for k in sd if ".mixer.experts." in k and k.startswith("backbone.") and k.endswith(".weight")]:
+        w = sd[key]
+        scale = nref.fp8_scale(w)
+        sd[key] = nref.fp8_quantize_reference(w, scale)
+        sd[key[:-len("weight")] + "weight_scale"] = scale.reshape(())
+        with torch.no_grad():                  # the expected model holds exactly the dequantized values
+            mod_name, e, proj = key[:-len(".weight")].rsplit(".", 2)
+            stack = m.get_submodule(mod_name)
+            getattr(stack, proj)[int(e)] = sd[key].float() * scale
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg.pop("quantization_config")
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    json.dump({"quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head", "mtp*"]}},
+              open(tmp_path / "hf_quant_config.json", "w"))
+    loaded = NemotronHForCausalLM.from_pretrained(str(tmp_path))
+    assert type(loaded.backbone.layers[0].mixer.in_proj).__name__ == "FP8Linear"
+    assert loaded.backbone.layers[1].mixer.experts.quant is None
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), m(ids))
