@@ -6,6 +6,11 @@
   SSM state   ``[B, H, P, N]`` per Mamba layer, fp32 (or fp16, rounded to nearest or stochastically
               with a seeded generator; the update itself always runs in fp32)
 
+Positions are 0-dim int64 device tensors (``pos``, ``mtp_pos``), advanced in place, and attention
+reads the whole static KV buffer under a mask: a decode step has the same shapes and reads no
+Python integer that changes, so a compiled step never recompiles and can be captured in a CUDA
+graph. ``seq_len`` / ``mtp_len`` read them back (a device-to-host copy) for host-side bookkeeping.
+
 Speculative decoding: between :meth:`begin_verify` and :meth:`accept`, Mamba layers run token by
 token and the cache keeps the conv state before and the SSM state after every step, so
 ``accept(n)`` rolls them back to just after the n-th verified token; KV entries past the accepted
@@ -29,8 +34,8 @@ class HybridCache:
         if max_len < 1 or batch < 1:
             raise ValueError(f"batch, max_len: expected positive sizes, got {batch}, {max_len}")
         self.batch, self.max_len = batch, max_len
-        self.seq_len = 0          # tokens of the main model in the cache
-        self.mtp_len = 0          # tokens the MTP attention has cached
+        self.pos = torch.zeros((), dtype=torch.int64, device=device)      # tokens of the main model
+        self.mtp_pos = torch.zeros((), dtype=torch.int64, device=device)  # tokens the MTP attention cached
         self.ssm_dtype, self.ssm_rounding = ssm_dtype, ssm_rounding
         self.recording = False
         self._gen = torch.Generator(device=device).manual_seed(seed) if ssm_rounding == "stochastic" else None
@@ -52,27 +57,47 @@ class HybridCache:
         self._rec_ssm: dict = {}
         self._work: dict = {}
 
-    # -- attention --------------------------------------------------------------------------------
-    def position(self, key) -> int:
-        return self.mtp_len if isinstance(key, str) else self.seq_len
+    # -- positions and attention -----------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return int(self.pos)
+
+    @seq_len.setter
+    def seq_len(self, n: int) -> None:
+        self.pos.fill_(n)
+
+    @property
+    def mtp_len(self) -> int:
+        return int(self.mtp_pos)
+
+    @mtp_len.setter
+    def mtp_len(self, n: int) -> None:
+        self.mtp_pos.fill_(n)
+
+    def position(self, key) -> torch.Tensor:
+        return self.mtp_pos if isinstance(key, str) else self.pos
 
     def append_kv(self, key, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ``[B, T, KVH, D]`` at the current position; the cached ``[B, pos + T, KVH, D]``."""
-        pos, t = self.position(key), k.shape[1]
-        if pos + t > self.max_len:
-            raise ValueError(f"cache: {pos + t} tokens exceed max_len {self.max_len}; allocate a longer cache")
+        """Write k, v ``[B, T, KVH, D]`` at the current position; returns the whole buffers
+        ``[B, max_len, KVH, D]`` and the positions ``[T]`` of the new tokens (for the mask)."""
+        idx = self.position(key) + torch.arange(k.shape[1], device=k.device)
         kc, vc = self.kv[key]
-        if kc.dtype == torch.float8_e4m3fn:
-            k, v = k.clamp(-448, 448), v.clamp(-448, 448)
-        kc[:, pos:pos + t] = k
-        vc[:, pos:pos + t] = v
-        return kc[:, :pos + t], vc[:, :pos + t]
+        if kc.dtype == torch.float8_e4m3fn:   # saturate; written as bytes (no fp8 index_copy on CPU)
+            k, v = k.clamp(-448, 448).to(kc.dtype), v.clamp(-448, 448).to(kc.dtype)
+            kc.view(torch.uint8).index_copy_(1, idx, k.view(torch.uint8))
+            vc.view(torch.uint8).index_copy_(1, idx, v.view(torch.uint8))
+        else:
+            kc.index_copy_(1, idx, k.to(kc.dtype))
+            vc.index_copy_(1, idx, v.to(vc.dtype))
+        return kc, vc, idx
+
+    def check_room(self, t: int) -> None:
+        """Eager-mode bound check (one device-to-host read); compiled callers size the cache."""
+        if not torch.compiler.is_compiling() and self.seq_len + t > self.max_len:
+            raise ValueError(f"cache: {self.seq_len + t} tokens exceed max_len {self.max_len}; allocate a longer cache")
 
     def advance(self, t: int, *, mtp: bool = False) -> None:
-        if mtp:
-            self.mtp_len += t
-        else:
-            self.seq_len += t
+        (self.mtp_pos if mtp else self.pos).add_(t)
 
     # -- SSM state precision ----------------------------------------------------------------------
     def ssm_initial(self, key) -> torch.Tensor:
@@ -131,4 +156,4 @@ class HybridCache:
                 self.conv[key].copy_(convs[n])
         self.recording = False
         self._rec_conv, self._rec_ssm = {}, {}
-        self.seq_len += n
+        self.pos.add_(n)

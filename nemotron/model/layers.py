@@ -132,20 +132,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)           # [B, NH, T, D]
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        past = 0
-        if cache is not None:
-            past = cache.position(self.layer)
-            k, v = cache.append_kv(self.layer, k, v)                                        # [B, L, KVH, D]
-        k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
-        if t == 1:
-            mask, causal = None, False
-        elif past == 0:
-            mask, causal = None, True
-        else:    # queries at positions past..past+t-1 see keys up to their own position
-            pos = torch.arange(past + t, device=x.device)
-            mask, causal = pos[None, :] <= (past + torch.arange(t, device=x.device))[:, None], False
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim ** -0.5,
-                                           enable_gqa=self.kv_heads != self.heads)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
+                                               scale=self.head_dim ** -0.5, enable_gqa=self.kv_heads != self.heads)
+        else:
+            # the whole static buffer under a mask: a query at position p sees keys 0..p
+            kc, vc, idx = cache.append_kv(self.layer, k, v)                                 # [B, L, KVH, D]
+            mask = torch.arange(kc.shape[1], device=x.device)[None, :] <= idx[:, None]      # [T, L]
+            o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).to(q.dtype), vc.transpose(1, 2).to(q.dtype),
+                                               attn_mask=mask, scale=self.head_dim ** -0.5,
+                                               enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 

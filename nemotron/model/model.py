@@ -76,8 +76,10 @@ class NemotronHForCausalLM(nn.Module):
         """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids: expected an int tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if cache is not None and input_ids.shape[0] != cache.batch:
-            raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
+        if cache is not None:
+            if input_ids.shape[0] != cache.batch:
+                raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
+            cache.check_room(input_ids.shape[1])
         h = self.backbone.embeddings(input_ids)
         for layer in self.backbone.layers:
             h = layer(h, cache)
@@ -94,6 +96,9 @@ class NemotronHForCausalLM(nn.Module):
         """One MTP application: (hidden ``[B, T, H]``, logits fp32 ``[B, T, vocab]``)."""
         if self.mtp is None:
             raise ValueError("mtp_step: this model has no MTP block (num_nextn_predict_layers = 0)")
+        if cache is not None and not torch.compiler.is_compiling() and cache.mtp_len + next_ids.shape[1] > cache.max_len:
+            raise ValueError(f"cache: the MTP block needs {cache.mtp_len + next_ids.shape[1]} positions, max_len is "
+                             f"{cache.max_len}")
         h = self.mtp(self.backbone.embeddings(next_ids), hidden, cache)
         if cache is not None:
             cache.advance(next_ids.shape[1], mtp=True)
