@@ -5,21 +5,72 @@ name, and a second registration fails with "duplicate name".
 """
 from __future__ import annotations
 
-KNOWN_OPTIONS: frozenset = frozenset()  # passes and their switches arrive with the compiler issue
+import functools
+import os
+from typing import Optional
+
+from .passes import FUSIONS, KERNELS, NemotronPasses
+
+KNOWN_OPTIONS = frozenset({"fusions", "kernels", "cudagraphs", "force_disable_caches", "report"})
 
 
-def nemotron_backend(gm, example_inputs, *, mode=None, options=None, **kwargs):
-    """torch.compile backend: today, Inductor's ``compile_fx`` on the graph as Dynamo traced it.
-
-    ``mode`` is passed through to Inductor's mode table; ``options`` must be empty for now (unknown
-    keys raise, so a typo never silently compiles something else).
-    """
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor import list_mode_options
-
-    options = dict(options or {})
+def _check_options(options: dict) -> dict:
     unknown = sorted(set(options) - KNOWN_OPTIONS)
     if unknown:
         raise ValueError(f"options: unknown key(s) {unknown} for backend 'nemotron'; known: {sorted(KNOWN_OPTIONS)}")
-    patches = list_mode_options(mode) if mode else {}
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    fusions = options.get("fusions", FUSIONS)
+    if isinstance(fusions, str) or any(f not in FUSIONS for f in fusions):
+        raise ValueError(f"options['fusions']: expected a list drawn from {list(FUSIONS)}, got {fusions!r}")
+    kernels = options.get("kernels")
+    if kernels is not None and kernels not in KERNELS:
+        raise ValueError(f"options['kernels']: expected one of {list(KERNELS)} or None (by device), got {kernels!r}")
+    return dict(fusions=tuple(fusions), kernels=kernels, cudagraphs=bool(options.get("cudagraphs", False)),
+                force_disable_caches=bool(options.get("force_disable_caches", False)),
+                report=options.get("report"))
+
+
+def nemotron_backend(gm, example_inputs, *, mode=None, options=None, **kwargs):
+    """torch.compile backend: this package's passes on the post-grad graph, Inductor for the rest.
+
+    Args (through ``torch.compile(..., mode=..., options=...)``):
+        mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...).
+        options: ``fusions`` (subset of ``("noop", "norm_quant", "moe")``, default all),
+            ``kernels`` (``"triton" | "cutlass" | "reference"``; default: by device — Triton on CUDA,
+            the references on CPU; ``cutlass`` keeps Triton where no CUTLASS variant exists),
+            ``cudagraphs`` (Inductor's CUDA graphs, as ``mode="reduce-overhead"``),
+            ``force_disable_caches`` (tests: make the passes run every time), ``report`` (a list the
+            passes append their per-graph reports to; see :func:`nemotron.graph.explain`).
+        Unknown keys raise, so a typo never silently compiles something else.
+
+    Graphs without package ops (and CPU graphs) go through Inductor unchanged apart from no-op
+    elimination: the passes only rewrite what they recognize.
+    """
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = _check_options(dict(options or {}))
+    passes = NemotronPasses(opts["fusions"], opts["kernels"], opts["report"])
+    patches = dict(list_mode_options(mode) if mode else {})
+    patches["post_grad_custom_post_pass"] = passes
+    if opts["cudagraphs"]:
+        patches["triton.cudagraphs"] = True
+    if opts["force_disable_caches"]:
+        patches["force_disable_caches"] = True
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if opts["kernels"] is None:
+        return compiled
+    # the ops dispatch at run time through NEMOTRON_KERNELS; pin it for this graph's calls
+    want = "reference" if opts["kernels"] == "reference" else "triton"
+
+    @functools.wraps(compiled)
+    def run(*args):
+        old = os.environ.get("NEMOTRON_KERNELS")
+        os.environ["NEMOTRON_KERNELS"] = want
+        try:
+            return compiled(*args)
+        finally:
+            if old is None:
+                os.environ.pop("NEMOTRON_KERNELS", None)
+            else:
+                os.environ["NEMOTRON_KERNELS"] = old
+    return run

@@ -71,6 +71,24 @@ def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("nemotron::moe_routed_experts", mutates_args=())
+def _routed_experts_op(x: torch.Tensor, logits: torch.Tensor, correction_bias: Optional[torch.Tensor], top_k: int,
+                       n_group: int, topk_group: int, renormalize: bool, scaling_factor: float, up: torch.Tensor,
+                       up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
+                       down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
+    """route -> permute -> grouped GEMM -> combine as one op: what the ``nemotron`` backend's MoE
+    fusion substitutes for ``moe_route`` feeding ``moe_experts`` (routing never leaves the op)."""
+    weights, ids = ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
+                                       topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
+    return _experts_op(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs)
+
+
+@_routed_experts_op.register_fake
+def _(x, logits, correction_bias, top_k, n_group, topk_group, renormalize, scaling_factor, up, up_scales, up_gs,
+      down, down_scales, down_gs):
+    return torch.empty_like(x)
+
+
 # ---- public API --------------------------------------------------------------------------------
 
 def _tensor(name: str, t, *, dim: int, dtypes=_FLOATS, device=None) -> None:

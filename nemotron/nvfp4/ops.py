@@ -15,6 +15,7 @@ from .. import _triton
 from . import reference as ref
 from .format import BLOCK_SHAPES, NVFP4Tensor
 from .triton import gemm as gemm_kernels
+from .triton import norm_quantize as nq_kernels
 from .triton import quantize as kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,6 +113,30 @@ def _linear_op(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor,
 
 @_linear_op.register_fake
 def _(x, codes, block_scales, global_scale, bias, act_quant, input_scale):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@torch.library.custom_op("nemotron::norm_nvfp4_linear", mutates_args=())
+def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, z: Optional[torch.Tensor], group_size: int, eps: float,
+                    codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], input_scale: torch.Tensor) -> torch.Tensor:
+    """(gated) RMSNorm -> NVFP4 activation quantize (static input_scale) -> W4A4 GEMM: the fusion the
+    ``nemotron`` backend substitutes for a norm feeding an ``nvfp4_linear`` (see triton/norm_quantize.py)."""
+    k, n = x.shape[-1], codes.shape[0]
+    if backend_for(x) != "triton":
+        xn = ref.norm_reference(x, norm_weight, z=z, group_size=group_size, eps=eps)
+        return ref.linear_reference(xn, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias,
+                                    act_quant=True, input_scale=input_scale)
+    x2 = x.reshape(-1, k)
+    xc, xs = nq_kernels.norm_quantize(x2, norm_weight, input_scale, z=None if z is None else z.reshape(-1, k),
+                                      group_size=group_size, eps=eps)
+    out = gemm_kernels.gemm(xc, codes, block_scales, global_scale, bias, x_scales=xs,
+                            x_gs=input_scale.float().reshape(()), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@_norm_linear_op.register_fake
+def _(x, norm_weight, z, group_size, eps, codes, block_scales, global_scale, bias, input_scale):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 

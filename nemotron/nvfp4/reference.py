@@ -253,6 +253,17 @@ def linear_reference(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.T
     return out.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
 
+def norm_reference(x: torch.Tensor, weight: torch.Tensor, *, z: torch.Tensor | None = None, group_size: int,
+                   eps: float) -> torch.Tensor:
+    """The (gated) RMSNorm in front of a linear, fp32 math, result in x's dtype: plain (``z`` None) is
+    ``w * x * rsqrt(mean(x^2) + eps)``; gated normalizes ``x * silu(z)`` within ``group_size`` groups."""
+    k = x.shape[-1]
+    v = x.float() if z is None else x.float() * torch.nn.functional.silu(z.float())
+    g = v.reshape(*x.shape[:-1], k // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * g.reshape(x.shape)).to(x.dtype)
+
+
 def gemm_tolerance(x32: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None, want: torch.Tensor) -> torch.Tensor:
     """Elementwise bound on |kernel - reference| for ``x @ w.T (+ bias)`` rounded to ``want.dtype``.
 

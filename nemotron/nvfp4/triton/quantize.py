@@ -107,6 +107,39 @@ def _e2m1_decode(c):
 
 
 @triton.jit
+def _block_scale(b_bmax, b_bnan, s_enc, s_dec, BM: tl.constexpr, NB: tl.constexpr):
+    """E4M3 block-scale codes and the fp32 reciprocals of their decoded values times s_dec, [BM, NB]."""
+    b_s = _e4m3_encode(b_bmax * (s_enc * 0.1666666716337204))          # fp32(1/6)
+    b_s = tl.where(b_bnan > 0, 0x7F, b_s)
+    b_den = _e4m3_decode(b_s) * s_dec
+    b_inv = tl.minimum(tl.div_rn(tl.full((BM, NB), 1.0, tl.float32), tl.where(b_den == 0.0, 1.0, b_den)), FLT_MAX)
+    return b_s, tl.where(b_den == 0.0, FLT_MAX, b_inv)                  # 1/0 = inf, clamped
+
+
+@triton.jit
+def _nearest_code(b_y):
+    """E2M1 magnitude index of |y| rounded to nearest, ties to even (the midpoints' comparisons)."""
+    return ((b_y > 0.25).to(tl.int32) + (b_y >= 0.75).to(tl.int32) + (b_y > 1.25).to(tl.int32)
+            + (b_y >= 1.75).to(tl.int32) + (b_y > 2.5).to(tl.int32) + (b_y >= 3.5).to(tl.int32)
+            + (b_y > 5.0).to(tl.int32))
+
+
+@triton.jit
+def _store_fp4(b_c, b_s, b_x, b_bnan, codes_ptr, scales_ptr, o_row, m_r, o_b, K,
+               BM: tl.constexpr, NB: tl.constexpr):
+    """Add x's sign bit to the magnitude codes, zero NaN blocks, pack two codes per byte, store."""
+    b_c = b_c + 8 * (b_x.to(tl.int32, bitcast=True) < 0).to(tl.int32)   # sign bit, so -0.1 -> -0
+    b_c = tl.where(b_bnan[:, :, None] > 0, 0, b_c)
+    b_lo, b_hi = tl.split(tl.reshape(b_c, (BM, NB, 8, 2)))              # [BM, NB, 8]
+    m_b = m_r[:, None] & (o_b < K // 16)[None, :]                       # [BM, NB]
+    o_c = tl.arange(0, 8)
+    p_c = codes_ptr + o_row[:, None, None] * (K // 2) + (o_b[None, :, None] * 8 + o_c[None, None, :])
+    tl.store(p_c, (b_lo | (b_hi << 4)).to(tl.uint8), mask=m_b[:, :, None])
+    p_s = scales_ptr + o_row[:, None] * (K // 16) + o_b[None, :]
+    tl.store(p_s, b_s.to(tl.uint8), mask=m_b)
+
+
+@triton.jit
 def _load_tile(x_ptr, o_row, m_row, stride_xm, i_k, K, NB: tl.constexpr):
     """x[o_row, i_k*NB*16 : ...] as fp32 [BM, NB, 16]; masked rows/blocks read 0."""
     o_b = i_k * NB + tl.arange(0, NB)
@@ -168,11 +201,7 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
         b_bnan = tl.max(tl.reshape(b_bnan, (BM // TILE_M, TILE_M, NB)), axis=1)
         b_bnan = tl.reshape(tl.broadcast_to(b_bnan[:, None, :], (BM // TILE_M, TILE_M, NB)), (BM, NB))
 
-    b_s = _e4m3_encode(b_bmax * (s_enc * 0.1666666716337204))          # fp32(1/6)
-    b_s = tl.where(b_bnan > 0, 0x7F, b_s)                               # [BM, NB]
-    b_den = _e4m3_decode(b_s) * s_dec
-    b_inv = tl.minimum(tl.div_rn(tl.full((BM, NB), 1.0, tl.float32), tl.where(b_den == 0.0, 1.0, b_den)), FLT_MAX)
-    b_inv = tl.where(b_den == 0.0, FLT_MAX, b_inv)                      # 1/0 = inf, clamped
+    b_s, b_inv = _block_scale(b_bmax, b_bnan, s_enc, s_dec, BM, NB)     # [BM, NB]
     b_y = tl.abs(b_x * b_inv[:, :, None])                               # [BM, NB, 16]
 
     o_b = i_k * NB + tl.arange(0, NB)
@@ -187,19 +216,8 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
                + (b_q >= 2.0).to(tl.int32) + (b_q >= 3.0).to(tl.int32) + (b_q >= 4.0).to(tl.int32)
                + (b_q >= 6.0).to(tl.int32))
     else:
-        b_c = ((b_y > 0.25).to(tl.int32) + (b_y >= 0.75).to(tl.int32) + (b_y > 1.25).to(tl.int32)
-               + (b_y >= 1.75).to(tl.int32) + (b_y > 2.5).to(tl.int32) + (b_y >= 3.5).to(tl.int32)
-               + (b_y > 5.0).to(tl.int32))
-    b_c = b_c + 8 * (b_x.to(tl.int32, bitcast=True) < 0).to(tl.int32)   # sign bit, so -0.1 -> -0
-    b_c = tl.where(b_bnan[:, :, None] > 0, 0, b_c)
-
-    b_lo, b_hi = tl.split(tl.reshape(b_c, (BM, NB, 8, 2)))              # [BM, NB, 8]
-    m_b = m_r[:, None] & (o_b < K // 16)[None, :]                       # [BM, NB]
-    o_c = tl.arange(0, 8)
-    p_c = codes_ptr + o_row[:, None, None] * (K // 2) + (o_b[None, :, None] * 8 + o_c[None, None, :])
-    tl.store(p_c, (b_lo | (b_hi << 4)).to(tl.uint8), mask=m_b[:, :, None])
-    p_s = scales_ptr + o_row[:, None] * (K // 16) + o_b[None, :]
-    tl.store(p_s, b_s.to(tl.uint8), mask=m_b)
+        b_c = _nearest_code(b_y)
+    _store_fp4(b_c, b_s, b_x, b_bnan, codes_ptr, scales_ptr, o_row, m_r, o_b, K, BM, NB)
 
 
 @triton.jit

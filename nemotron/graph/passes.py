@@ -1,0 +1,276 @@
+"""The ``nemotron`` backend's graph passes, run by Inductor on the post-grad (functional ATen) graph.
+
+  noop       drop copies and reshapes that change nothing around the package's ops: a contiguous
+             clone of a contiguous tensor, a reshape of a reshape (one reshape), a reshape or dtype
+             view to what the tensor already is
+  norm_quant RMSNorm (the model's ATen pattern) or ``nemotron::gated_rmsnorm`` feeding a W4A4
+             ``nemotron::nvfp4_linear`` with a static input scale -> ``nemotron::norm_nvfp4_linear``
+             (the normalized activation never goes to memory in bf16; triton/norm_quantize.py)
+  moe        ``nemotron::moe_route`` feeding ``nemotron::moe_experts`` -> ``nemotron::moe_routed_experts``
+             (routing weights and ids never leave the op)
+  lowering   annotates every package op with the kernel it runs for the device and the ``kernels``
+             choice (``node.meta["nemotron_kernel"]``), the rows of :func:`nemotron.graph.explain`
+
+Everything else is left to Inductor. :class:`NemotronPasses` is a ``CustomGraphPass`` whose
+``uuid()`` hashes the package's sources and the options, so Inductor's FX-graph cache never serves
+a graph compiled by other passes or kernels.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+FUSIONS = ("noop", "norm_quant", "moe")
+KERNELS = ("triton", "cutlass", "reference")
+
+_ops = torch.ops.nemotron
+_aten = torch.ops.aten
+
+
+def _is(node, op) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == op
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _package_op(node) -> Optional[torch._ops.OpOverload]:
+    """The nemotron op a node runs (also through ``auto_functionalized`` for the mutating ops)."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in (torch.ops.higher_order.auto_functionalized, getattr(torch.ops.higher_order, "auto_functionalized_v2", None)):
+        target = node.args[0]
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "nemotron":
+        return target
+    return None
+
+
+def _copy_meta(old, new) -> None:
+    """The output value and source location; not ``eager_input_vals`` (the old op's arguments)."""
+    for key in ("val", "stack_trace", "nn_module_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+# ---- no-op elimination --------------------------------------------------------------------------
+
+_RESHAPES = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default)
+
+
+def eliminate_noops(graph: torch.fx.Graph) -> int:
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        src = node.args[0]
+        v, sv = _val(node), _val(src)
+        if v is None or sv is None or not isinstance(sv, torch.Tensor):
+            continue
+        if _is(node, _aten.clone.default):
+            fmt = node.kwargs.get("memory_format")
+            same = fmt in (None, torch.contiguous_format, torch.preserve_format) and sv.is_contiguous()
+            # a clone another op mutates in place must stay
+            if same and all(_package_op(u) is not None or u.op == "output" for u in node.users) and \
+                    not any(u.target is torch.ops.higher_order.auto_functionalized for u in node.users):
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                removed += 1
+        elif node.target in _RESHAPES:
+            if tuple(v.shape) == tuple(sv.shape) and sv.is_contiguous():
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                removed += 1
+            elif src.op == "call_function" and src.target in _RESHAPES and len(src.users) == 1:
+                node.args = (src.args[0], *node.args[1:])
+                graph.erase_node(src)
+                removed += 1
+        elif _is(node, _aten.view.dtype) and node.args[1] == sv.dtype:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+# ---- norm + quantize + W4A4 linear --------------------------------------------------------------
+
+def _strip_converts(n):
+    while _is(n, torch.ops.prims.convert_element_type.default):
+        n = n.args[0]
+    return n
+
+
+def match_rmsnorm(out):
+    """(h, weight, eps) if ``out`` is ``(w * (h * rsqrt(mean(h^2, -1, keepdim) + eps))).to(h.dtype)``
+    (fp32 math, the converts optional), else None."""
+    n = out
+    if _is(n, torch.ops.prims.convert_element_type.default):
+        n = n.args[0]
+    if not _is(n, _aten.mul.Tensor):
+        return None
+    for w_side, inner in (n.args, n.args[::-1]):
+        if not _is(inner, _aten.mul.Tensor):
+            continue
+        for h32, r in (inner.args, inner.args[::-1]):
+            if not _is(r, _aten.rsqrt.default) or not _is(r.args[0], _aten.add.Tensor):
+                continue
+            mean, eps = r.args[0].args
+            if not isinstance(eps, float) or not _is(mean, _aten.mean.dim):
+                continue
+            if list(mean.args[1]) not in ([-1], [len(_val(h32).shape) - 1]) or not (len(mean.args) > 2 and mean.args[2]):
+                continue
+            pw = mean.args[0]
+            if not (_is(pw, _aten.pow.Tensor_Scalar) and pw.args[0] is h32 and pw.args[1] == 2):
+                continue
+            h, w = _strip_converts(h32), _strip_converts(w_side)
+            if not isinstance(w, torch.fx.Node) or _val(h) is None or _val(w) is None:
+                continue
+            if _val(h).dtype != _val(out).dtype or _val(w).dim() != 1:
+                continue
+            return h, w, eps
+    return None
+
+
+def fuse_norm_quant_linear(graph: torch.fx.Graph) -> int:
+    matched = 0
+    for node in list(graph.nodes):
+        if not _is(node, _ops.nvfp4_linear.default):
+            continue
+        x, codes, scales, gs, bias, act_quant, input_scale = node.args
+        if not act_quant or input_scale is None or len(x.users) != 1:
+            continue
+        if _is(x, _ops.gated_rmsnorm.default):
+            y, z, w, group, eps = x.args
+            args = (y, w, z, group, eps)
+        else:
+            m = match_rmsnorm(x)
+            if m is None:
+                continue
+            h, w, eps = m
+            k = _val(h).shape[-1]
+            if not isinstance(k, int) or k % 16:
+                continue
+            args = (h, w, None, k, eps)
+        with graph.inserting_before(node):
+            fused = graph.call_function(_ops.norm_nvfp4_linear.default, (*args, codes, scales, gs, bias, input_scale))
+        _copy_meta(node, fused)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        matched += 1
+    graph.eliminate_dead_code()
+    return matched
+
+
+# ---- MoE: route + experts -----------------------------------------------------------------------
+
+def fuse_moe_route(graph: torch.fx.Graph) -> int:
+    matched = 0
+    for node in list(graph.nodes):
+        if not _is(node, _ops.moe_experts.default):
+            continue
+        x, wts, ids = node.args[:3]
+        if not (wts.op == "call_function" and ids.op == "call_function" and wts.args[0] is ids.args[0]):
+            continue
+        route = wts.args[0]
+        if not _is(route, _ops.moe_route.default) or (wts.args[1], ids.args[1]) != (0, 1):
+            continue
+        if len(wts.users) != 1 or len(ids.users) != 1 or len(route.users) != 2:
+            continue
+        logits, top_k, bias, n_group, topk_group, renorm, scale = route.args
+        with graph.inserting_before(node):
+            fused = graph.call_function(_ops.moe_routed_experts.default,
+                                        (x, logits, bias, top_k, n_group, topk_group, renorm, scale, *node.args[3:]))
+        _copy_meta(node, fused)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        matched += 1
+    graph.eliminate_dead_code()
+    return matched
+
+
+# ---- lowering -----------------------------------------------------------------------------------
+
+_TRITON = {
+    "nvfp4_linear": "Triton NVFP4 GEMM (packed FP4 expanded in registers; split-K for M <= 64, persistent above)",
+    "norm_nvfp4_linear": "Triton RMSNorm+NVFP4-quantize kernel -> Triton NVFP4 GEMM (W4A4)",
+    "fp8_linear": "torch._scaled_mm FP8 GEMM (sm_89+)",
+    "nvfp4_quantize": "Triton NVFP4 quantize", "nvfp4_dequantize": "Triton NVFP4 dequantize",
+    "nvfp4_amax": "Triton amax", "hadamard16": "Triton RHT",
+    "ssd_scan": "Triton one-kernel chunked SSD scan (states on chip)",
+    "causal_conv1d": "Triton causal conv1d", "causal_conv1d_update": "Triton conv1d state update",
+    "selective_state_update": "Triton selective state update", "gated_rmsnorm": "Triton gated RMSNorm",
+    "moe_route": "torch sigmoid top-k (fp32)",
+    "moe_experts": "Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)",
+    "moe_expert_slots": "Triton grouped GEMM (slots)",
+    "moe_routed_experts": "route + Triton grouped GEMM in one op",
+}
+
+
+def kernel_for(op: torch._ops.OpOverload, node, kernels: Optional[str]) -> str:
+    name = op._opname
+    val = node.meta.get("val")
+    first = val[0] if isinstance(val, (tuple, list)) and val else val
+    on_gpu = isinstance(first, torch.Tensor) and first.device.type == "cuda"
+    if kernels == "reference":
+        return "reference (plain torch)"
+    if not on_gpu and kernels is None:
+        return "reference (plain torch; CPU tensors)"
+    text = _TRITON.get(name, "Triton")
+    if kernels == "cutlass":
+        text += " [no CUTLASS variant of this op: Triton kept]"
+    if name in ("nvfp4_linear", "norm_nvfp4_linear") and len(node.args) > 5 and node.args[5] is True:
+        text = text.replace("GEMM (", "GEMM W4A4 (")
+    return text
+
+
+def lower(graph: torch.fx.Graph, kernels: Optional[str]) -> list:
+    rows = []
+    for node in graph.nodes:
+        op = _package_op(node)
+        if op is None:
+            continue
+        kernel = kernel_for(op, node, kernels)
+        node.meta["nemotron_kernel"] = kernel
+        val = node.meta.get("val")
+        first = val[0] if isinstance(val, (tuple, list)) and val else val
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+        rows.append((f"nemotron::{op._opname}", kernel, shape))
+    return rows
+
+
+# ---- the pass manager ---------------------------------------------------------------------------
+
+def _source_hash() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return get_hash_for_files(tuple(sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))))
+
+
+class NemotronPasses(CustomGraphPass):
+    """Runs the enabled fusions, then the lowering annotation; ``matched`` counts each pass's rewrites
+    in the last graph, ``report`` accumulates (graph index, fusions, lowering rows) per graph."""
+
+    def __init__(self, fusions=FUSIONS, kernels: Optional[str] = None, report: Optional[list] = None):
+        self.fusions = tuple(fusions)
+        self.kernels = kernels
+        self.report = report if report is not None else []
+        self.matched: dict = {}
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        matched = {}
+        if "noop" in self.fusions:
+            matched["noop"] = eliminate_noops(graph)
+        if "norm_quant" in self.fusions:
+            matched["norm_quant"] = fuse_norm_quant_linear(graph)
+        if "moe" in self.fusions:
+            matched["moe"] = fuse_moe_route(graph)
+        graph.lint()
+        self.matched = matched
+        self.report.append({"fusions": matched, "ops": lower(graph, self.kernels)})
+
+    def uuid(self):
+        return (_source_hash(), self.fusions, self.kernels)
