@@ -4,4 +4,11 @@ from .cache import HybridCache
 from .config import NemotronHConfig
 from .model import NemotronHForCausalLM
 
-__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "HybridCache"]
+
+
+def from_hf(hf_model, **kwargs) -> NemotronHForCausalLM:
+    """This package's model with the weights of an HF transformers ``NemotronHForCausalLM``."""
+    return NemotronHForCausalLM.from_hf(hf_model, **kwargs)
+
+
+__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "HybridCache", "from_hf"]

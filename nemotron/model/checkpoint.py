@@ -225,6 +225,29 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
     return model.eval()
 
 
+def from_hf(cls, hf_model, *, device=None, dtype=None):
+    """This package's model holding the weights of an HF transformers ``NemotronHForCausalLM`` (one
+    call, no files): the HF config becomes ours, HF's in-memory names (``model.*``, stacked experts)
+    map to the checkpoint names."""
+    config = NemotronHConfig.from_dict(hf_model.config.to_dict())
+    ref = next(hf_model.parameters())
+    device = torch.device(device or ref.device)
+    dtype = dtype or ref.dtype
+    model = _skeleton(cls, config, device, dtype)
+    sd = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v
+          for k, v in hf_model.state_dict().items()}
+    if model.mtp is None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("mtp.")}
+    with torch.no_grad():
+        result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("mtp.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"hf_model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if model.mtp is not None and any(k.startswith("mtp.") for k in result.missing_keys):
+        model.mtp = None            # HF's module holds no MTP weights: drafting is unavailable
+    return model.eval()
+
+
 # ---- saving -------------------------------------------------------------------------------------
 
 def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) -> None:

@@ -39,7 +39,8 @@ def _prefill(model, input_ids, cache, chunk: Optional[int], keep_all: bool) -> t
 
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              mtp_draft_tokens: int = 0, prefill_chunk: Optional[int] = None, eos_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, cache_kwargs: Optional[dict] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cache_kwargs: Optional[dict] = None,
+             max_len: Optional[int] = None) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens; returns ``[B, T + n]``.
 
     Args:
@@ -51,6 +52,8 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         eos_token_id: stop a sequence there (finished rows of a batch continue with the pad token).
         cache_kwargs: passed to :meth:`NemotronHForCausalLM.new_cache` (``kv_dtype``, ``ssm_dtype``,
             ``ssm_rounding``).
+        max_len: the cache length (default: prompt + max_new_tokens + drafts). A compiled model
+            keeps one decode graph per cache length, so serving passes one fixed value.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
@@ -67,7 +70,10 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         raise ValueError(f"mtp_draft_tokens: speculative decoding runs batch 1, got batch {input_ids.shape[0]}")
     b, t = input_ids.shape
     input_ids = input_ids.to(model.device)
-    cache = model.new_cache(b, t + max_new_tokens + k + 1, **(cache_kwargs or {}))
+    need = t + max_new_tokens + k + 1
+    if max_len is not None and max_len < need:
+        raise ValueError(f"max_len: {max_len} is shorter than the {need} positions this call may use")
+    cache = model.new_cache(b, max_len or need, **(cache_kwargs or {}))
     with torch.no_grad():
         hidden = _prefill(model, input_ids, cache, prefill_chunk, keep_all=k > 0)
         nxt = _sample(model.lm_head(hidden[:, -1]).float(), temperature, top_p, generator)

@@ -119,6 +119,12 @@ class NemotronHForCausalLM(nn.Module):
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, device=device, dtype=dtype, progress=progress)
 
+    @classmethod
+    def from_hf(cls, hf_model, *, device=None, dtype=None):
+        """Swap an HF transformers ``NemotronHForCausalLM`` for this package's model (same weights)."""
+        from .checkpoint import from_hf
+        return from_hf(cls, hf_model, device=device, dtype=dtype)
+
     def save_pretrained(self, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
         """Write config.json (+ the ModelOpt quantization config when quantized) and safetensors."""
         from .checkpoint import save_pretrained
