@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent('''
     from nemotron.nvfp4.triton import gemm, quantize as q
     from nemotron.ssm_kernels.triton import conv_norm as cn, ssd
     from nemotron.moe_kernels.triton import grouped_gemm as moe
+    from nemotron.nvfp4.triton import norm_quantize as nq
 
     FLOATS = {"dt_lo", "dt_hi", "eps"}
 
@@ -77,6 +78,9 @@ SCRIPT = textwrap.dedent('''
         done.append(compile_one(moe._moe_gemm_fwd_kernel, dict(
             GATHER=gather, SCATTER=not gather, W_FP4=w_fp4, DOT_DTYPE=tl.bfloat16, IEEE=False, BM=bm, BN=bn,
             BK=moe.BK), types))
+    nq_types = {"x_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*u8"}
+    for has_z, gs, gb, bm in [(False, 4096, 4096, 1), (True, 1024, 1024, 4), (False, 2688, 4096, 1)]:
+        done.append(compile_one(nq._norm_quantize_fwd_kernel, dict(HAS_Z=has_z, GS=gs, GB=gb, BM=bm), nq_types))
     print("compiled", len(done), "kernels:", ", ".join(sorted(set(done))))
 ''')
 
@@ -85,4 +89,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 19 kernels" in r.stdout, r.stdout
+    assert "compiled 22 kernels" in r.stdout, r.stdout

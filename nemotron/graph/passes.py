@@ -24,6 +24,10 @@ from typing import Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ..moe_kernels import ops as _moe_ops  # noqa: F401  (registers the ops the passes match)
+from ..nvfp4 import ops as _nvfp4_ops  # noqa: F401
+from ..ssm_kernels import ops as _ssm_ops  # noqa: F401
+
 FUSIONS = ("noop", "norm_quant", "moe")
 KERNELS = ("triton", "cutlass", "reference")
 
