@@ -1,6 +1,6 @@
 """End-to-end model benchmark: prefill tokens/s and batch-1 decode tokens/s versus context length.
 
-``python -m bench.model --preset super-120b-a12b --recipe nvfp4`` builds the preset with random
+``python -m bench.model --preset super-120b-a12b --recipe nvfp4 --backends eager,inductor,nemotron`` builds the preset with random
 weights directly in the target format on the GPU (``NemotronHForCausalLM.random``), then for each
 implementation (``reference``: the plain-torch paths; ``kernels``: the Triton kernels) times
 
@@ -9,6 +9,8 @@ implementation (``reference``: the plain-torch paths; ``kernels``: the Triton ke
            Mamba states are filled with random values instead of prefilling C tokens, which leaves
            the per-step work unchanged (attention reads C cached positions, Mamba is O(1))
 
+With ``--backends`` each implementation also runs under ``torch.compile`` (``inductor`` or this
+package's ``nemotron`` backend); ``first_call_s`` is the first call's time (compilation included).
 Results go to ``bench/results/<device>/model_<preset>.json``. On CPU the defaults are the tiny
 preset and short contexts (CPU numbers, interpreter for the kernels).
 """
@@ -37,7 +39,7 @@ def _fill_cache(cache, context: int, gen: torch.Generator) -> None:
         s.copy_(torch.randn(s.shape, generator=gen, device=s.device).to(s.dtype) * 0.1)
     for c in cache.conv.values():
         c.copy_(torch.randn(c.shape, generator=gen, device=c.device).to(c.dtype))
-    cache.seq_len = context
+    cache.pos.fill_(context)
 
 
 def _time(fn, device, reps: int) -> float:
@@ -50,30 +52,53 @@ def _time(fn, device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def run(preset: str, recipe, impls, prefill, contexts, steps: int, kv_dtype, device) -> dict:
+def _compiled(model, backend: str):
+    if backend == "eager":
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend)
+
+
+def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_dtype, device) -> dict:
     cfg = NemotronHConfig.preset(preset)
     model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
+    max_len = max(contexts + prefill) + steps + 1         # one cache size: one decode graph per backend
     for impl in impls:
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference" if impl == "reference" else "triton"}):
-            with torch.no_grad():
-                for t in prefill:
-                    ids = torch.randint(3, cfg.vocab_size, (1, t), generator=gen, device=device)
-                    sec = _time(lambda: model(ids, cache=model.new_cache(1, t, kv_dtype=kv_dtype)), device, 2)
-                    rows.append(dict(impl=impl, phase="prefill", tokens=t, seconds=sec, tokens_per_s=t / sec))
-                    print(f"{impl:10s} prefill {t:8d} tokens: {t / sec:10.1f} tok/s", flush=True)
-                for c in contexts:
-                    cache = model.new_cache(1, c + steps + 1, kv_dtype=kv_dtype)
-                    _fill_cache(cache, c, gen)
-                    tok = torch.randint(3, cfg.vocab_size, (1, 1), generator=gen, device=device)
+        for backend in backends:
+            f = _compiled(model, backend)
+            tag = f"{impl}/{backend}"
+            with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference" if impl == "reference" else "triton"}):
+                with torch.no_grad():
+                    for t in prefill:
+                        ids = torch.randint(3, cfg.vocab_size, (1, t), generator=gen, device=device)
+                        t0 = time.perf_counter()
+                        f(ids, cache=model.new_cache(1, max_len, kv_dtype=kv_dtype))      # compiles when compiled
+                        harness._sync(device)
+                        first = time.perf_counter() - t0
+                        sec = _time(lambda: f(ids, cache=model.new_cache(1, max_len, kv_dtype=kv_dtype)), device, 2)
+                        rows.append(dict(impl=impl, backend=backend, phase="prefill", tokens=t, seconds=sec,
+                                         tokens_per_s=t / sec, first_call_s=first))
+                        print(f"{tag:22s} prefill {t:8d} tokens: {t / sec:10.1f} tok/s (first call {first:.1f} s)",
+                              flush=True)
+                    for c in contexts:
+                        cache = model.new_cache(1, max_len, kv_dtype=kv_dtype)
+                        _fill_cache(cache, c, gen)
+                        tok = torch.randint(3, cfg.vocab_size, (1, 1), generator=gen, device=device)
 
-                    def step():
-                        cache.seq_len = c                    # every step decodes at context c
-                        model(tok, cache=cache)
-                    sec = _time(step, device, steps)
-                    rows.append(dict(impl=impl, phase="decode", context=c, seconds=sec, tokens_per_s=1 / sec))
-                    print(f"{impl:10s} decode at context {c:8d}: {1 / sec:10.1f} tok/s", flush=True)
+                        def step():
+                            cache.pos.fill_(c)                   # every step decodes at context c
+                            f(tok, cache=cache)
+                        t0 = time.perf_counter()
+                        step()
+                        harness._sync(device)
+                        first = time.perf_counter() - t0
+                        sec = _time(step, device, steps)
+                        rows.append(dict(impl=impl, backend=backend, phase="decode", context=c, seconds=sec,
+                                         tokens_per_s=1 / sec, first_call_s=first))
+                        print(f"{tag:22s} decode at context {c:8d}: {1 / sec:10.1f} tok/s (first call {first:.1f} s)",
+                              flush=True)
     info = harness.device_info(device)
     return dict(kernel=f"model_{preset}", preset=preset, recipe=recipe, kv_dtype=str(kv_dtype), device=info,
                 cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -87,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="nvfp4-experts" if gpu else None,
                    help="quantize_ recipe for the random weights (nvfp4 | nvfp4-experts; default none on CPU)")
     p.add_argument("--impls", default="kernels,reference" if gpu else "reference,kernels")
+    p.add_argument("--backends", default="eager", help="comma-separated: eager, inductor, nemotron")
     p.add_argument("--prefill", default="1024,8192" if gpu else "64")
     p.add_argument("--contexts", default="1024,32768,131072,524288" if gpu else "64,512")
     p.add_argument("--steps", type=int, default=20 if gpu else 3)
@@ -94,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    doc = run(a.preset, a.recipe, a.impls.split(","), ints(a.prefill), ints(a.contexts), a.steps,
+    doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
               torch.float8_e4m3fn if a.kv_fp8 else None, device)
     if not a.no_save:
         out = harness.RESULTS / harness.slug(doc["device"])

@@ -42,40 +42,73 @@ def _time_ms(fn, iters: int = 20) -> float:
 def demo(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nemotron demo", description="The tiny model end to end, then every kernel.")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
+    p.add_argument("--explain", action="store_true",
+                   help="print what the nemotron backend does to the tiny model (fusions, kernel per op) and stop")
     a, rest = p.parse_known_args(argv)
+    if a.explain:
+        return _explain_tiny()
     ok = _demo_model(compile_model=not a.no_compile)
     print()
     return kernels_demo(rest) or (0 if ok else 1)
+
+
+def _tiny(dev):
+    """The tiny preset with unit-scale random weights (so every layer matters), fp32."""
+    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
+    cfg = NemotronHConfig.preset("tiny")
+    model = NemotronHForCausalLM.random(cfg, device=dev, seed=0)
+    with torch.no_grad():
+        g = torch.Generator(device=dev).manual_seed(0)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g, device=dev) / p.shape[-1] ** 0.5)
+    return cfg, model
+
+
+def _to_w4a4(model, dev):
+    """All linears but lm_head to NVFP4 W4A4 with a static input scale (as in a ModelOpt NVFP4
+    checkpoint), routed experts to NVFP4."""
+    from nemotron.nvfp4 import NVFP4Linear
+    nemotron.quantize_(model, "nvfp4", exclude=["lm_head"], act_quant="nvfp4")
+    for mod in model.modules():
+        if isinstance(mod, NVFP4Linear):
+            mod.input_scale = torch.tensor(0.05, device=dev)
+    return model
+
+
+def _explain_tiny() -> int:
+    import nemotron.graph
+    from nemotron import _triton
+    dev = torch.device("cuda" if not _triton.interpreting() else "cpu")
+    cfg, model = _tiny(dev)
+    _to_w4a4(model, dev)
+    ids = torch.randint(3, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+    print(f"nemotron backend on the tiny model ({cfg.hybrid_override_pattern}, NVFP4 W4A4), prefill of 16 tokens:")
+    print(nemotron.graph.explain(model, (ids,)))
+    return 0
 
 
 def _demo_model(compile_model: bool) -> bool:
     """Builds the tiny preset, quantizes it to NVFP4, runs it eagerly and compiled, generates with
     and without MTP (greedy output must be identical)."""
     import time
-    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
     from nemotron import _triton
 
     dev = torch.device("cuda" if not _triton.interpreting() else "cpu")
-    cfg = NemotronHConfig.preset("tiny")
-    model = NemotronHForCausalLM.random(cfg, device=dev, seed=0)
-    with torch.no_grad():                       # unit-scale weights so every layer matters
-        g = torch.Generator(device=dev).manual_seed(0)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g, device=dev) / p.shape[-1] ** 0.5)
+    cfg, model = _tiny(dev)
     ids = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(dev)
     print(f"tiny Nemotron-H: pattern {cfg.hybrid_override_pattern} + an MTP block, hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent {cfg.moe_latent_size}, on {dev}")
     with torch.no_grad():
         ref_logits = model(ids)
-        nemotron.quantize_(model, "nvfp4", exclude=["lm_head"])
-        q_logits = model(ids)
+        q_logits = _to_w4a4(model, dev)(ids)
     rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
-    print(f"NVFP4 (all linears and experts but lm_head) vs fp32 logits: rel err {rel:.4f}")
+    print(f"NVFP4 W4A4 (all linears and experts but lm_head) vs fp32 logits: rel err {rel:.4f} "
+          "(random unit-scale weights amplify the 4-bit error through the layers)")
     ok = True
     if compile_model:
         t0 = time.perf_counter()
-        compiled = torch.compile(model, backend="nemotron")
+        compiled = torch.compile(model, backend="nemotron")   # fuses norm+quantize+GEMM and route+experts
         with torch.no_grad():
             c_logits = compiled(ids)
         same = torch.allclose(c_logits, q_logits, rtol=1e-4, atol=1e-4 * q_logits.abs().max().item())
