@@ -52,14 +52,18 @@ def _time(fn, device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _compiled(model, backend: str):
+def _compiled(model, backend: str, regional: bool):
+    torch._dynamo.reset()
     if backend == "eager":
         return model
-    torch._dynamo.reset()
+    if regional:                       # one compiled graph per layer kind, reused by every layer
+        import nemotron.graph
+        return nemotron.graph.compile_regions(model, backend=backend)
     return torch.compile(model, backend=backend)
 
 
-def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_dtype, device) -> dict:
+def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_dtype, device,
+        regional: bool = False) -> dict:
     cfg = NemotronHConfig.preset(preset)
     model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -67,7 +71,8 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
     max_len = max(contexts + prefill) + steps + 1         # one cache size: one decode graph per backend
     for impl in impls:
         for backend in backends:
-            f = _compiled(model, backend)
+            f = _compiled(model, backend, regional)
+            torch._dynamo.utils.counters.clear()
             tag = f"{impl}/{backend}"
             with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference" if impl == "reference" else "triton"}):
                 with torch.no_grad():
@@ -99,6 +104,12 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                                          tokens_per_s=1 / sec, first_call_s=first))
                         print(f"{tag:22s} decode at context {c:8d}: {1 / sec:10.1f} tok/s (first call {first:.1f} s)",
                               flush=True)
+            if backend != "eager":
+                graphs = sum(torch._dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",))
+                rows.append(dict(impl=impl, backend=backend, phase="compile", graphs=graphs))
+                print(f"{tag:22s} graphs compiled over all calls: {graphs}", flush=True)
+            if regional and backend != "eager":
+                model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)   # drop the wrappers
     info = harness.device_info(device)
     return dict(kernel=f"model_{preset}", preset=preset, recipe=recipe, kv_dtype=str(kv_dtype), device=info,
                 cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -113,6 +124,7 @@ def main(argv=None) -> int:
                    help="quantize_ recipe for the random weights (nvfp4 | nvfp4-experts; default none on CPU)")
     p.add_argument("--impls", default="kernels,reference" if gpu else "reference,kernels")
     p.add_argument("--backends", default="eager", help="comma-separated: eager, inductor, nemotron")
+    p.add_argument("--regional", action="store_true", help="compile per layer (nemotron.graph.compile_regions)")
     p.add_argument("--prefill", default="1024,8192" if gpu else "64")
     p.add_argument("--contexts", default="1024,32768,131072,524288" if gpu else "64,512")
     p.add_argument("--steps", type=int, default=20 if gpu else 3)
@@ -121,7 +133,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
-              torch.float8_e4m3fn if a.kv_fp8 else None, device)
+              torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional)
     if not a.no_save:
         out = harness.RESULTS / harness.slug(doc["device"])
         out.mkdir(parents=True, exist_ok=True)

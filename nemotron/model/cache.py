@@ -23,6 +23,60 @@ from typing import Optional
 import torch
 
 
+class LayerCache:
+    """One layer's slots of the hybrid cache: what its mixer reads and writes.
+
+    It holds the tensors themselves (no layer index), so one compiled layer graph serves every layer
+    of its kind (regional compilation) without guards on which layer it is.
+    """
+
+    def __init__(self, parent: "HybridCache", pos: torch.Tensor, kv=None, conv=None, ssm=None):
+        self.parent, self.pos = parent, pos
+        self.k, self.v = kv if kv is not None else (None, None)
+        self.conv, self.ssm = conv, ssm
+        self.rec_conv: list = []
+        self.rec_ssm: list = []
+
+    @property
+    def recording(self) -> bool:
+        return self.parent.recording
+
+    # attention
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ``[B, T, KVH, D]`` at the current position; returns the whole buffers
+        ``[B, max_len, KVH, D]`` and the positions ``[T]`` of the new tokens (for the mask)."""
+        idx = self.pos + torch.arange(k.shape[1], device=k.device)
+        kc, vc = self.k, self.v
+        if kc.dtype == torch.float8_e4m3fn:   # saturate; written as bytes (no fp8 index_copy on CPU)
+            k, v = k.clamp(-448, 448).to(kc.dtype), v.clamp(-448, 448).to(kc.dtype)
+            kc.view(torch.uint8).index_copy_(1, idx, k.view(torch.uint8))
+            vc.view(torch.uint8).index_copy_(1, idx, v.view(torch.uint8))
+        else:
+            kc.index_copy_(1, idx, k.to(kc.dtype))
+            vc.index_copy_(1, idx, v.to(vc.dtype))
+        return kc, vc, idx
+
+    # Mamba: SSM state precision
+    def ssm_initial(self) -> torch.Tensor:
+        return self.ssm if self.ssm.dtype == torch.float32 else self.ssm.float()
+
+    def store_ssm(self, state32: torch.Tensor) -> None:
+        self.ssm.copy_(self.parent.round_state(state32))
+
+    def ssm_working(self) -> torch.Tensor:
+        """The state a decode step updates in place (fp32)."""
+        return self.ssm if self.ssm.dtype == torch.float32 else self.ssm.float()
+
+    def commit_ssm_step(self, state32: torch.Tensor) -> None:
+        if state32 is not self.ssm:
+            self.ssm.copy_(self.parent.round_state(state32))
+        if self.parent.recording:
+            self.rec_ssm.append(self.ssm.clone())
+
+    def record_conv(self) -> None:
+        self.rec_conv.append(self.conv.clone())
+
+
 class HybridCache:
     def __init__(self, config, batch: int, max_len: int, *, device=None, dtype=torch.float32,
                  kv_dtype: Optional[torch.dtype] = None, ssm_dtype: torch.dtype = torch.float32,
@@ -53,9 +107,15 @@ class HybridCache:
                 self.conv[key] = torch.zeros(batch, config.conv_kernel - 1, config.conv_dim, dtype=dtype, device=device)
                 self.ssm[key] = torch.zeros(batch, config.mamba_num_heads, config.mamba_head_dim,
                                             config.ssm_state_size, dtype=ssm_dtype, device=device)
-        self._rec_conv: dict = {}
-        self._rec_ssm: dict = {}
-        self._work: dict = {}
+        self.layers = {}
+        for key, kind in kinds:
+            pos = self.mtp_pos if isinstance(key, str) else self.pos
+            self.layers[key] = LayerCache(self, pos, kv=self.kv.get(key), conv=self.conv.get(key), ssm=self.ssm.get(key))
+        if torch.device(device or "cpu").type == "cuda":
+            # fixed addresses: a compiled decode step mutates them in place inside a CUDA graph
+            for t in [self.pos, self.mtp_pos, *self.conv.values(), *self.ssm.values(),
+                      *(x for kv in self.kv.values() for x in kv)]:
+                torch._dynamo.mark_static_address(t)
 
     # -- positions and attention -----------------------------------------------------------------
     @property
@@ -74,23 +134,6 @@ class HybridCache:
     def mtp_len(self, n: int) -> None:
         self.mtp_pos.fill_(n)
 
-    def position(self, key) -> torch.Tensor:
-        return self.mtp_pos if isinstance(key, str) else self.pos
-
-    def append_kv(self, key, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ``[B, T, KVH, D]`` at the current position; returns the whole buffers
-        ``[B, max_len, KVH, D]`` and the positions ``[T]`` of the new tokens (for the mask)."""
-        idx = self.position(key) + torch.arange(k.shape[1], device=k.device)
-        kc, vc = self.kv[key]
-        if kc.dtype == torch.float8_e4m3fn:   # saturate; written as bytes (no fp8 index_copy on CPU)
-            k, v = k.clamp(-448, 448).to(kc.dtype), v.clamp(-448, 448).to(kc.dtype)
-            kc.view(torch.uint8).index_copy_(1, idx, k.view(torch.uint8))
-            vc.view(torch.uint8).index_copy_(1, idx, v.view(torch.uint8))
-        else:
-            kc.index_copy_(1, idx, k.to(kc.dtype))
-            vc.index_copy_(1, idx, v.to(vc.dtype))
-        return kc, vc, idx
-
     def check_room(self, t: int) -> None:
         """Eager-mode bound check (one device-to-host read); compiled callers size the cache."""
         if not torch.compiler.is_compiling() and self.seq_len + t > self.max_len:
@@ -100,28 +143,8 @@ class HybridCache:
         (self.mtp_pos if mtp else self.pos).add_(t)
 
     # -- SSM state precision ----------------------------------------------------------------------
-    def ssm_initial(self, key) -> torch.Tensor:
-        s = self.ssm[key]
-        return s if s.dtype == torch.float32 else s.float()
-
-    def store_ssm(self, key, state32: torch.Tensor) -> None:
-        self.ssm[key].copy_(self._round(state32))
-
-    def ssm_working(self, key) -> torch.Tensor:
-        """The state a decode step updates in place (fp32)."""
-        s = self.ssm[key]
-        if s.dtype == torch.float32:
-            return s
-        self._work[key] = s.float()
-        return self._work[key]
-
-    def commit_ssm_step(self, key, state32: torch.Tensor) -> None:
-        if state32 is not self.ssm[key]:
-            self.ssm[key].copy_(self._round(state32))
-        if self.recording:
-            self._rec_ssm.setdefault(key, []).append(self.ssm[key].clone())
-
-    def _round(self, x: torch.Tensor) -> torch.Tensor:
+    def round_state(self, x: torch.Tensor) -> torch.Tensor:
+        """An fp32 SSM state in the storage dtype (nearest or stochastic rounding)."""
         if self.ssm_dtype == torch.float32:
             return x
         y = x.to(self.ssm_dtype)
@@ -138,22 +161,21 @@ class HybridCache:
     # -- speculative verification -----------------------------------------------------------------
     def begin_verify(self) -> None:
         self.recording = True
-        self._rec_conv, self._rec_ssm = {}, {}
-
-    def record_conv(self, key, conv: torch.Tensor) -> None:
-        self._rec_conv.setdefault(key, []).append(conv.clone())
+        for lc in self.layers.values():
+            lc.rec_conv, lc.rec_ssm = [], []
 
     def accept(self, n: int) -> None:
         """Keep the first ``n`` verified tokens: Mamba states roll back, the position advances by n."""
         if not self.recording:
             raise RuntimeError("accept: no verification in progress (call begin_verify first)")
-        for key, states in self._rec_ssm.items():
-            if not 1 <= n <= len(states):
-                raise ValueError(f"n: expected 1..{len(states)} verified tokens, got {n}")
-            self.ssm[key].copy_(states[n - 1])
-            convs = self._rec_conv[key]
-            if n < len(convs):
-                self.conv[key].copy_(convs[n])
+        for lc in self.layers.values():
+            if not lc.rec_ssm:
+                continue
+            if not 1 <= n <= len(lc.rec_ssm):
+                raise ValueError(f"n: expected 1..{len(lc.rec_ssm)} verified tokens, got {n}")
+            lc.ssm.copy_(lc.rec_ssm[n - 1])
+            if n < len(lc.rec_conv):
+                lc.conv.copy_(lc.rec_conv[n])
+            lc.rec_conv, lc.rec_ssm = [], []
         self.recording = False
-        self._rec_conv, self._rec_ssm = {}, {}
         self.pos.add_(n)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..moe_kernels.layer import LatentMoE, ReLU2MLP
 from ..ssm_kernels import ops as ssm
-from .cache import HybridCache
+from .cache import LayerCache
 from .config import NemotronHConfig
 
 
@@ -66,7 +66,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedNormWeight(self.inter, **kw)
         self.out_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.use_bias, **kw)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         zxbcdt = self.in_proj(x)
         z, xbc, dt = zxbcdt.split([self.inter, self.cfg.conv_dim, self.heads], dim=-1)
@@ -76,41 +76,41 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and (t == 1 or cache.recording):
             y = self._steps(xbc, dt, w, bias, A, cache)
         else:
-            conv0 = cache.conv[self.layer] if cache is not None else None
+            conv0 = cache.conv if cache is not None else None
             xbc, conv_final = ssm.causal_conv1d(xbc.contiguous(), w.contiguous(), bias, activation="silu",
                                                 initial_states=conv0, return_final_states=True)
             xs, B, C = xbc.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
-            s0 = cache.ssm_initial(self.layer) if cache is not None else None
+            s0 = cache.ssm_initial() if cache is not None else None
             y, s_final = ssm.ssd_scan(xs.reshape(b, t, self.heads, self.head_dim), dt.contiguous(), A,
                                       B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
                                       chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
                                       dt_softplus=True, dt_limit=(self.cfg.time_step_min, float("inf")),
                                       initial_states=s0, return_final_states=True)
             if cache is not None:
-                cache.conv[self.layer].copy_(conv_final)
-                cache.store_ssm(self.layer, s_final)
+                cache.conv.copy_(conv_final)
+                cache.store_ssm(s_final)
             y = y.reshape(b, t, self.inter)
         y = ssm.gated_rmsnorm(y.contiguous(), z.contiguous(), self.norm.weight, group_size=self.inter // self.groups,
                               eps=self.cfg.layer_norm_epsilon)
         return self.out_proj(y)
 
-    def _steps(self, xbc, dt, w, bias, A, cache: HybridCache) -> torch.Tensor:
+    def _steps(self, xbc, dt, w, bias, A, cache: LayerCache) -> torch.Tensor:
         """Token by token through the cache (decode, and verification of drafted tokens, where the
         states after every step are kept so the cache can roll back to any of them)."""
         b, t, _ = xbc.shape
-        conv, ys = cache.conv[self.layer], []
+        conv, ys = cache.conv, []
         # dt: softplus(dt + bias) clamped below at time_step_min, the prefill's dt_limit
         dt_all = F.softplus(dt.float() + self.dt_bias.float()).clamp_min(self.cfg.time_step_min)
         for j in range(t):
             if cache.recording:
-                cache.record_conv(self.layer, conv)
+                cache.record_conv()
             xj = ssm.causal_conv1d_update(xbc[:, j].contiguous(), conv, w.contiguous(), bias, activation="silu")
             xs, B, C = xj.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
-            state = cache.ssm_working(self.layer)
+            state = cache.ssm_working()
             yj = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, j], A,
                                             B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
                                             D=self.D)
-            cache.commit_ssm_step(self.layer, state)
+            cache.commit_ssm_step(state)
             ys.append(yj.reshape(b, 1, self.inter))
         return torch.cat(ys, 1)
 
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, **kw)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)           # [B, NH, T, D]
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -137,7 +137,7 @@ class Attention(nn.Module):
                                                scale=self.head_dim ** -0.5, enable_gqa=self.kv_heads != self.heads)
         else:
             # the whole static buffer under a mask: a query at position p sees keys 0..p
-            kc, vc, idx = cache.append_kv(self.layer, k, v)                                 # [B, L, KVH, D]
+            kc, vc, idx = cache.append_kv(k, v)                                 # [B, L, KVH, D]
             mask = torch.arange(kc.shape[1], device=x.device)[None, :] <= idx[:, None]      # [T, L]
             o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).to(q.dtype), vc.transpose(1, 2).to(q.dtype),
                                                attn_mask=mask, scale=self.head_dim ** -0.5,
@@ -157,7 +157,7 @@ class MoEMixer(LatentMoE):
                          renormalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor, bias=cfg.mlp_bias,
                          dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         return super().forward(h)
 
 
@@ -165,7 +165,7 @@ class MLPMixer(ReLU2MLP):
     def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
         super().__init__(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         return super().forward(h)
 
 
@@ -179,7 +179,7 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=dtype, device=device)
         self.mixer = MIXERS[kind](cfg, layer, dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         return h + self.mixer(self.norm(h), cache)
 
 

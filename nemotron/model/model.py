@@ -37,8 +37,8 @@ class MTP(nn.Module):
         Returns the new hidden states (final-normed), whose logits predict one token further."""
         first = self.layers[0]
         h = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(hidden)], dim=-1))
-        for layer in self.layers:
-            h = layer(h, cache)
+        for j, layer in enumerate(self.layers):
+            h = layer(h, cache.layers.get(f"mtp.{j}") if cache is not None else None)
         return self.layers[-1].final_layernorm(h)
 
 
@@ -81,8 +81,8 @@ class NemotronHForCausalLM(nn.Module):
                 raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
             cache.check_room(input_ids.shape[1])
         h = self.backbone.embeddings(input_ids)
-        for layer in self.backbone.layers:
-            h = layer(h, cache)
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer(h, cache.layers.get(i) if cache is not None else None)
         if cache is not None and not cache.recording:
             cache.advance(input_ids.shape[1])
         return self.backbone.norm_f(h)
