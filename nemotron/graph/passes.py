@@ -254,27 +254,49 @@ def _source_hash() -> str:
     return get_hash_for_files(tuple(sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))))
 
 
+class _Pass(CustomGraphPass):
+    """One pass as a ``CustomGraphPass``: ``fn(graph) -> rewrites``; its uuid covers the sources."""
+    name = ""
+    fn = None
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        return type(self).fn(graph)
+
+    def uuid(self):
+        return (self.name, _source_hash())
+
+
+class NoOpElimination(_Pass):
+    name, fn = "noop", eliminate_noops
+
+
+class NormQuantFusion(_Pass):
+    name, fn = "norm_quant", fuse_norm_quant_linear
+
+
+class MoERouteFusion(_Pass):
+    name, fn = "moe", fuse_moe_route
+
+
+PASSES = {p.name: p for p in (NoOpElimination, NormQuantFusion, MoERouteFusion)}
+
+
 class NemotronPasses(CustomGraphPass):
-    """Runs the enabled fusions, then the lowering annotation; ``matched`` counts each pass's rewrites
-    in the last graph, ``report`` accumulates (graph index, fusions, lowering rows) per graph."""
+    """The enabled passes in order, then the lowering annotation; ``matched`` counts each pass's
+    rewrites in the last graph, ``report`` accumulates {fusions, ops} per graph."""
 
     def __init__(self, fusions=FUSIONS, kernels: Optional[str] = None, report: Optional[list] = None):
         self.fusions = tuple(fusions)
         self.kernels = kernels
         self.report = report if report is not None else []
+        self.passes = [PASSES[name]() for name in FUSIONS if name in self.fusions]
         self.matched: dict = {}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        matched = {}
-        if "noop" in self.fusions:
-            matched["noop"] = eliminate_noops(graph)
-        if "norm_quant" in self.fusions:
-            matched["norm_quant"] = fuse_norm_quant_linear(graph)
-        if "moe" in self.fusions:
-            matched["moe"] = fuse_moe_route(graph)
+        matched = {p.name: p(graph) for p in self.passes}
         graph.lint()
         self.matched = matched
         self.report.append({"fusions": matched, "ops": lower(graph, self.kernels)})
 
     def uuid(self):
-        return (_source_hash(), self.fusions, self.kernels)
+        return (_source_hash(), tuple(p.uuid() for p in self.passes), self.kernels)
