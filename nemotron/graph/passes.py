@@ -211,6 +211,8 @@ _TRITON = {
     "moe_route": "torch sigmoid top-k (fp32)",
     "moe_experts": "Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)",
     "moe_expert_slots": "Triton grouped GEMM (slots)",
+    "moe_permute": "torch stable sort + scatter-add (no host sync)",
+    "moe_combine": "torch fixed-order sum of the k slots (deterministic)",
     "moe_routed_experts": "route + Triton grouped GEMM in one op",
 }
 

@@ -41,6 +41,27 @@ def _weights(w: torch.Tensor, scales: Optional[torch.Tensor], gs: Optional[torch
     return (NVFP4Tensor(w, scales.view(torch.float8_e4m3fn), gs), (w, scales, gs))
 
 
+@torch.library.custom_op("nemotron::moe_permute", mutates_args=())
+def _permute_op(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a stable sort and a scatter-add: torch does these well, sync-free on CUDA
+    return ref.permute_reference(ids, num_experts)
+
+
+@_permute_op.register_fake
+def _(ids, num_experts):
+    return ids.new_empty(ids.numel(), dtype=torch.int32), ids.new_empty(num_experts, dtype=torch.int32)
+
+
+@torch.library.custom_op("nemotron::moe_combine", mutates_args=())
+def _combine_op(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    return ref.combine_reference(slots, top_k, dtype)
+
+
+@_combine_op.register_fake
+def _(slots, top_k, dtype):
+    return slots.new_empty(slots.shape[0] // top_k, slots.shape[1], dtype=dtype)
+
+
 @torch.library.custom_op("nemotron::moe_expert_slots", mutates_args=())
 def _slots_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
               up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
@@ -49,7 +70,7 @@ def _slots_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: tor
     down_ref, down_k = _weights(down, down_scales, down_gs)
     if backend_for(x) != "triton":
         return ref.expert_slots_reference(x, weights, ids, up_ref, down_ref)
-    perm, offs = ref.permute_reference(ids, up.shape[0])
+    perm, offs = _permute_op(ids, up.shape[0])
     return kernels.expert_slots(x, weights, perm, offs, ids.shape[1], up_k, down_k)
 
 
@@ -63,7 +84,7 @@ def _experts_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: t
                 up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
                 down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
     slots = _slots_op(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs)
-    return ref.combine_reference(slots, ids.shape[1], x.dtype)
+    return _combine_op(slots, ids.shape[1], x.dtype)
 
 
 @_experts_op.register_fake
@@ -228,7 +249,9 @@ def combine(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor
     _tensor("slots", slots, dim=2, dtypes=(torch.float32,))
     if not isinstance(top_k, int) or top_k < 1 or slots.shape[0] % top_k:
         raise ValueError(f"top_k: expected a positive divisor of slots.shape[0] = {slots.shape[0]}, got {top_k!r}")
-    return ref.combine_reference(slots, top_k, dtype)
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype: expected one of {[str(d) for d in _FLOATS]}, got {dtype}")
+    return _combine_op(slots, top_k, dtype)
 
 
 def permute(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +260,7 @@ def permute(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Te
     _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64))
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    return ref.permute_reference(ids, num_experts)
+    return _permute_op(ids, num_experts)
 
 
 def quantize_experts(w: torch.Tensor) -> NVFP4Tensor:

@@ -216,6 +216,8 @@ def test_opcheck_moe_ops():
     x, w, ids, up, down = _expert_inputs(p)
     torch.library.opcheck(torch.ops.nemotron.moe_route.default, (torch.randn(9, 4), 2, torch.zeros(4), 2, 1, True, 2.0))
     torch.library.opcheck(torch.ops.nemotron.moe_experts.default, (x, w, ids, up, None, None, down, None, None))
+    torch.library.opcheck(torch.ops.nemotron.moe_permute.default, (ids, 4))
+    torch.library.opcheck(torch.ops.nemotron.moe_combine.default, (torch.randn(18, 16), 2, torch.bfloat16))
     qu, qd = mk.quantize_experts(up), mk.quantize_experts(down)
     args = (x, w, ids, qu.codes, qu.block_scales.view(torch.uint8), qu.global_scale,
             qd.codes, qd.block_scales.view(torch.uint8), qd.global_scale)
