@@ -7,4 +7,14 @@ from . import _triton  # noqa: F401  (must run before triton is imported)
 from .nvfp4 import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["quantize_"]
+__all__ = ["quantize_", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph"]
+
+_SUBPACKAGES = ("nvfp4", "ssm_kernels", "moe_kernels", "model", "graph")
+
+
+def __getattr__(name):
+    """``nemotron.model``, ``nemotron.graph``, ... import on first use (``graph`` pulls in Inductor)."""
+    if name in _SUBPACKAGES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'nemotron' has no attribute {name!r}")

@@ -271,7 +271,10 @@ def generate_cmd(argv=None) -> int:
         path = os.path.join(a.model, "tokenizer.json")
         if not os.path.exists(path):
             p.error(f"--prompt: no tokenizer.json in {a.model}; pass --ids instead")
-        from tokenizers import Tokenizer
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            p.error("--prompt: needs the 'tokenizers' package (pip install tokenizers); or pass --ids")
         tok = Tokenizer.from_file(path)
         ids = tok.encode(a.prompt).ids
     else:

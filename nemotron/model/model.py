@@ -76,6 +76,12 @@ class NemotronHForCausalLM(nn.Module):
         """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids: expected an int tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling() and input_ids.numel():
+            # one device-to-host read in eager mode; an id past the table would be a device assert on CUDA
+            lo, hi = torch.aminmax(input_ids)
+            if int(lo) < 0 or int(hi) >= self.config.vocab_size:
+                raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got values in "
+                                 f"[{int(lo)}, {int(hi)}]")
         if cache is not None:
             if input_ids.shape[0] != cache.batch:
                 raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
