@@ -379,3 +379,24 @@ def test_fp8_modelopt_checkpoint_with_fp8_experts(tmp_path):
     ids = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids), m(ids))
+
+
+def test_generate_eos_and_sampling():
+    m = _scaled(_tiny(seed=17), seed=17)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(18))
+    plain = m.generate(ids, max_new_tokens=12)[0, 12:].tolist()
+    eos = plain[4]
+    stop = plain.index(eos) + 1                                   # the first time eos appears
+    for k in (0, 2):
+        out = m.generate(ids, max_new_tokens=12, eos_token_id=eos, mtp_draft_tokens=k)[0, 12:].tolist()
+        assert out == plain[:stop], k
+    # sampling: reproducible with a generator, a different stream gives different tokens, MTP included
+    runs = [m.generate(ids, max_new_tokens=16, temperature=1.0, top_p=0.9, mtp_draft_tokens=k,
+                       generator=torch.Generator().manual_seed(s)) for k, s in ((0, 1), (0, 1), (0, 2), (2, 1))]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert runs[3].shape == (1, 28) and int(runs[3].max()) < 256
+    # batch > 1 without MTP: finished rows continue with the pad token
+    two = torch.cat([ids, ids.flip(1)])
+    out = m.generate(two, max_new_tokens=12, eos_token_id=eos)
+    assert out[0, 12:12 + stop].tolist() == plain[:stop]
+    assert (out[0, 12 + stop:] == m.config.pad_token_id).all()
