@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 from .passes import FUSIONS, KERNELS, NemotronPasses
 

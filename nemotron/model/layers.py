@@ -55,7 +55,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: NemotronHConfig, layer: int, *, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.cfg, self.layer = cfg, layer
+        self.cfg = cfg
         self.heads, self.head_dim, self.n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size
         self.inter, self.groups = cfg.mamba_intermediate, cfg.n_groups
         self.in_proj = nn.Linear(cfg.hidden_size, self.inter + cfg.conv_dim + self.heads, bias=cfg.use_bias, **kw)
@@ -121,7 +121,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
         super().__init__()
         kw = dict(bias=cfg.attention_bias, dtype=dtype, device=device)
-        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)

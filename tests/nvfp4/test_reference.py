@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 from nemotron.nvfp4 import reference as ref
 
