@@ -40,7 +40,7 @@ def _prefill(model, input_ids, cache, chunk: Optional[int], keep_all: bool) -> t
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              mtp_draft_tokens: int = 0, prefill_chunk: Optional[int] = None, eos_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, cache_kwargs: Optional[dict] = None,
-             max_len: Optional[int] = None) -> torch.Tensor:
+             max_len: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens; returns ``[B, T + n]``.
 
     Args:
@@ -54,6 +54,8 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
             ``ssm_rounding``).
         max_len: the cache length (default: prompt + max_new_tokens + drafts). A compiled model
             keeps one decode graph per cache length, so serving passes one fixed value.
+        backend: run the decode steps through ``torch.compile(model, backend=backend)`` (e.g.
+            ``"nemotron"``); the compiled model is kept on the model and reused across calls.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
@@ -81,11 +83,20 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
             out = _speculate(model, input_ids, hidden, nxt, cache, max_new_tokens, k, temperature, top_p, generator,
                              eos_token_id)
         else:
-            out = _decode(model, nxt, cache, max_new_tokens, temperature, top_p, generator, eos_token_id)
+            step = _compiled(model, backend) if backend else model
+            out = _decode(model, step, nxt, cache, max_new_tokens, temperature, top_p, generator, eos_token_id)
     return torch.cat([input_ids, out], 1)
 
 
-def _decode(model, nxt, cache, max_new, temperature, top_p, generator, eos):
+def _compiled(model, backend: str):
+    """``torch.compile(model, backend=backend)``, made once per backend and kept on the model."""
+    cache = model.__dict__.setdefault("_compiled_steps", {})
+    if backend not in cache:
+        cache[backend] = torch.compile(model, backend=backend)
+    return cache[backend]
+
+
+def _decode(model, step, nxt, cache, max_new, temperature, top_p, generator, eos):
     pad = model.config.pad_token_id
     done = torch.zeros_like(nxt, dtype=torch.bool)
     tokens = []
@@ -96,7 +107,7 @@ def _decode(model, nxt, cache, max_new, temperature, top_p, generator, eos):
         tokens.append(nxt)
         if i + 1 == max_new or (eos is not None and bool(done.all())):
             break
-        nxt = _sample(model(nxt[:, None], cache=cache)[:, -1], temperature, top_p, generator)
+        nxt = _sample(step(nxt[:, None], cache=cache)[:, -1], temperature, top_p, generator)
     model.last_generate_stats = {"rounds": len(tokens), "drafted": 0, "accepted": 0}
     return torch.stack(tokens, 1)
 

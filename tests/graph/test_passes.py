@@ -275,3 +275,13 @@ def test_tiny_model_on_gpu_compiled_with_cudagraphs_equals_eager():
             tok = want[:, -1].argmax(-1, keepdim=True)
     e = nemotron.graph.explain(m, (ids,))
     assert any("Triton RMSNorm+NVFP4-quantize" in k for _, k, _ in e.ops)
+
+
+def test_generate_with_compiled_decode_steps():
+    m = _tiny_model(seed=3)
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    want = m.generate(ids, max_new_tokens=12)
+    assert torch.equal(m.generate(ids, max_new_tokens=12, backend="nemotron", max_len=32), want)
+    assert torch.equal(m.generate(ids[:, :7], max_new_tokens=12, backend="nemotron", max_len=32),
+                       m.generate(ids[:, :7], max_new_tokens=12))
