@@ -74,8 +74,9 @@ class NemotronHForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids: expected an int tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64) or 0 in input_ids.shape:
+            raise ValueError(f"input_ids: expected an int tensor [B, T] with B, T >= 1, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling() and input_ids.numel():
             # one device-to-host read in eager mode; an id past the table would be a device assert on CUDA
             lo, hi = torch.aminmax(input_ids)

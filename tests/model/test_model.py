@@ -308,6 +308,8 @@ def test_generate_bad_arguments():
         m.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=2, mtp_draft_tokens=2)
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
         m(torch.tensor([[1, 256]]))
     with pytest.raises(ValueError, match="max_len"):
