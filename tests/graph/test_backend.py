@@ -36,3 +36,21 @@ def test_backend_is_not_double_registered():
     from torch._dynamo.backends.registry import _COMPILER_FNS
     torch._dynamo.list_backends()
     assert _COMPILER_FNS.get("nemotron") in (None, b.nemotron_backend)
+
+
+FRESH_MODEL = textwrap.dedent("""
+    import torch
+    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
+    m = NemotronHForCausalLM.random(NemotronHConfig.preset("tiny"), seed=0)
+    ids = torch.randint(3, 256, (1, 9))
+    with torch.no_grad():
+        want = m(ids)
+        got = torch.compile(m, backend="nemotron")(ids)     # nothing registered by hand
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    print("OK")
+""")
+
+
+def test_tiny_model_compiles_in_a_fresh_process():
+    r = subprocess.run([sys.executable, "-c", FRESH_MODEL], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
