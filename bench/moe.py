@@ -1,6 +1,7 @@
 """Routed experts of a LatentMoE layer: our Triton grouped GEMM (bf16 and NVFP4 weights) against a
-``torch._grouped_mm`` path (on Hopper that op is CUTLASS's sm90 grouped GEMM, sync-free for bf16)
-and a loop over experts (HF transformers' formulation).
+``torch._grouped_mm`` path (on Hopper that op is CUTLASS's sm90 grouped GEMM, sync-free for bf16),
+nvidia-cutlass's Python grouped GEMM when it is installed and works here, and a loop over experts
+(HF transformers' formulation).
 
 Shape: (T, E, k, l, I) with Super's E 512, k 22, l 1024, I 2688. Traffic model: the touched
 experts' NVFP4 bytes (expected touched = E * (1 - (1 - k/E)^T) under uniform routing; 0.5625 B per
@@ -71,6 +72,52 @@ def _grouped_mm(x, w, ids, up, down, q_up, q_down):
     return mk.combine(slots, k, x.dtype)
 
 
+def _cutlass_grouped_mm():
+    """A peer on nvidia-cutlass's Python interface (``cutlass_cppgen``, or ``cutlass`` before 4.2):
+    its grouped GEMM (bf16, row-major) per projection, one problem per touched expert. It takes
+    host-side lists of per-expert tensors, so it pays a device-to-host copy of the offsets per call.
+    Registered only where the package imports and a probe problem runs and matches torch."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        try:
+            import cutlass_cppgen as cutlass_py
+        except ImportError:
+            import cutlass as cutlass_py
+        plan = cutlass_py.op.GroupedGemm(element=torch.bfloat16, layout=cutlass_py.LayoutType.RowMajor,
+                                          element_accumulator=torch.float32)
+
+        def grouped(a_list, b_list):
+            outs = [torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device) for a, b in zip(a_list, b_list)]
+            plan.run(a_list, b_list, outs, outs)
+            return outs
+        a = [torch.randn(m, 64, device="cuda", dtype=torch.bfloat16) for m in (3, 17)]
+        b = [torch.randn(64, 32, device="cuda", dtype=torch.bfloat16) for _ in a]
+        got = grouped(a, b)
+        if not all(torch.allclose(g.float(), (x.float() @ y.float()), rtol=2e-2, atol=2e-1) for g, x, y in zip(got, a, b)):
+            print("cutlass peer: probe result differs from torch; not benchmarked")
+            return None
+    except Exception as err:          # noqa: BLE001  (any failure only removes this peer)
+        print(f"cutlass peer unavailable: {type(err).__name__}: {err}")
+        return None
+
+    def run(x, w, ids, up, down, q_up, q_down):
+        k = ids.shape[1]
+        perm, offs = mk.permute(ids, up.shape[0])
+        perm = perm.long()
+        bounds = [0] + offs.tolist()
+        touched = [e for e in range(up.shape[0]) if bounds[e + 1] > bounds[e]]
+        rows = x[perm // k]
+        h = grouped([rows[bounds[e]:bounds[e + 1]] for e in touched], [up[e].t().contiguous() for e in touched])
+        h = [torch.relu(t).square() for t in h]
+        y = grouped(h, [down[e].t().contiguous() for e in touched])
+        y = torch.cat(y).float() * w.reshape(-1)[perm, None]
+        slots = torch.empty_like(y)
+        slots[perm] = y
+        return mk.combine(slots, k, x.dtype)
+    return run
+
+
 def _loop(x, w, ids, up, down, q_up, q_down):
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(ids).tolist():
@@ -104,7 +151,10 @@ def _bytes(s):
 
 def ops() -> dict:
     impls = {"triton_nvfp4": _triton_nvfp4, "triton_bf16": _triton_dense, "grouped_mm": _grouped_mm, "loop": _loop}
+    cutlass_peer = _cutlass_grouped_mm()
+    if cutlass_peer is not None:
+        impls["cutlass_grouped"] = cutlass_peer
     op = BenchOp(name="moe_experts", shapes=SHAPES, make_inputs=_inputs, impls=impls,
-                 peers=("grouped_mm", "loop"), bytes=_bytes,
+                 peers=("grouped_mm", "cutlass_grouped", "loop"), bytes=_bytes,
                  flops=lambda s: 2 * s[0] * s[2] * 2 * s[4] * s[3], verify=_verify)
     return {op.name: op}
