@@ -402,3 +402,19 @@ def test_generate_eos_and_sampling():
     out = m.generate(two, max_new_tokens=12, eos_token_id=eos)
     assert out[0, 12:12 + stop].tolist() == plain[:stop]
     assert (out[0, 12 + stop:] == m.config.pad_token_id).all()
+
+
+def test_cli_generate_with_a_tokenizer(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from nemotron.__main__ import main
+    vocab = {f"w{i}": i for i in range(256)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    m = _scaled(_tiny(seed=19), seed=19)
+    m.save_pretrained(str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w5 w6 w7", "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out.strip().splitlines()[-1]
+    want = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, eos_token_id=m.config.eos_token_id)[0, 3:]
+    assert text == tok.decode(want.tolist())
