@@ -31,7 +31,8 @@ def _check_options(options: dict) -> dict:
 def nemotron_backend(gm, example_inputs, *, mode=None, options=None, **kwargs):
     """torch.compile backend: this package's passes on the post-grad graph, Inductor for the rest.
 
-    Args (through ``torch.compile(..., mode=..., options=...)``):
+    Args (through ``torch.compile(..., mode=...)`` or ``torch.compile(..., options=...)``; torch.compile
+    takes one or the other):
         mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...).
         options: ``fusions`` (subset of ``("noop", "norm_quant", "moe")``, default all),
             ``kernels`` (``"triton" | "cutlass" | "reference"``; default: by device — Triton on CUDA,

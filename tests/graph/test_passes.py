@@ -285,3 +285,14 @@ def test_generate_with_compiled_decode_steps():
     assert torch.equal(m.generate(ids, max_new_tokens=12, backend="nemotron", max_len=32), want)
     assert torch.equal(m.generate(ids[:, :7], max_new_tokens=12, backend="nemotron", max_len=32),
                        m.generate(ids[:, :7], max_new_tokens=12))
+
+
+def test_mode_and_cudagraphs_options_compile_on_cpu():
+    """CUDA graphs only apply to CUDA graphs; on CPU the options compile and change nothing."""
+    m = NormLinear(torch.float32)
+    x = torch.randn(6, 64)
+    for kw in ({"mode": "max-autotune-no-cudagraphs"}, {"options": {"cudagraphs": True}}):
+        torch._dynamo.reset()                 # torch.compile takes a mode or options, not both
+        f = torch.compile(m, backend="nemotron", **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(f(x, x), m(x, x), rtol=1e-6, atol=1e-6)
