@@ -55,11 +55,16 @@ def _package_op(node) -> Optional[torch._ops.OpOverload]:
     return None
 
 
-def _copy_meta(old, new) -> None:
-    """The output value and source location; not ``eager_input_vals`` (the old op's arguments)."""
+def _replace(graph: torch.fx.Graph, node, op, args: tuple) -> None:
+    """Put ``op(*args)`` in ``node``'s place. The new node takes the output value and source location,
+    not ``eager_input_vals`` (the old op's arguments, which Inductor would check against the new schema)."""
+    with graph.inserting_before(node):
+        new = graph.call_function(op, args)
     for key in ("val", "stack_trace", "nn_module_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 # ---- no-op elimination --------------------------------------------------------------------------
@@ -160,11 +165,7 @@ def fuse_norm_quant_linear(graph: torch.fx.Graph) -> int:
             if not isinstance(k, int) or k % 16:
                 continue
             args = (h, w, None, k, eps)
-        with graph.inserting_before(node):
-            fused = graph.call_function(_ops.norm_nvfp4_linear.default, (*args, codes, scales, gs, bias, input_scale))
-        _copy_meta(node, fused)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
+        _replace(graph, node, _ops.norm_nvfp4_linear.default, (*args, codes, scales, gs, bias, input_scale))
         matched += 1
     graph.eliminate_dead_code()
     return matched
@@ -186,12 +187,8 @@ def fuse_moe_route(graph: torch.fx.Graph) -> int:
         if len(wts.users) != 1 or len(ids.users) != 1 or len(route.users) != 2:
             continue
         logits, top_k, bias, n_group, topk_group, renorm, scale = route.args
-        with graph.inserting_before(node):
-            fused = graph.call_function(_ops.moe_routed_experts.default,
-                                        (x, logits, bias, top_k, n_group, topk_group, renorm, scale, *node.args[3:]))
-        _copy_meta(node, fused)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
+        _replace(graph, node, _ops.moe_routed_experts.default,
+                 (x, logits, bias, top_k, n_group, topk_group, renorm, scale, *node.args[3:]))
         matched += 1
     graph.eliminate_dead_code()
     return matched

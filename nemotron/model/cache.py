@@ -134,10 +134,14 @@ class HybridCache:
     def mtp_len(self, n: int) -> None:
         self.mtp_pos.fill_(n)
 
-    def check_room(self, t: int) -> None:
+    def check_room(self, t: int, *, mtp: bool = False) -> None:
         """Eager-mode bound check (one device-to-host read); compiled callers size the cache."""
-        if not torch.compiler.is_compiling() and self.seq_len + t > self.max_len:
-            raise ValueError(f"cache: {self.seq_len + t} tokens exceed max_len {self.max_len}; allocate a longer cache")
+        if torch.compiler.is_compiling():
+            return
+        used = self.mtp_len if mtp else self.seq_len
+        if used + t > self.max_len:
+            raise ValueError(f"cache: {used + t} {'MTP ' if mtp else ''}tokens exceed max_len {self.max_len}; "
+                             "allocate a longer cache")
 
     def advance(self, t: int, *, mtp: bool = False) -> None:
         (self.mtp_pos if mtp else self.pos).add_(t)

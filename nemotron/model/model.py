@@ -103,9 +103,8 @@ class NemotronHForCausalLM(nn.Module):
         """One MTP application: (hidden ``[B, T, H]``, logits fp32 ``[B, T, vocab]``)."""
         if self.mtp is None:
             raise ValueError("mtp_step: this model has no MTP block (num_nextn_predict_layers = 0)")
-        if cache is not None and not torch.compiler.is_compiling() and cache.mtp_len + next_ids.shape[1] > cache.max_len:
-            raise ValueError(f"cache: the MTP block needs {cache.mtp_len + next_ids.shape[1]} positions, max_len is "
-                             f"{cache.max_len}")
+        if cache is not None:
+            cache.check_room(next_ids.shape[1], mtp=True)
         h = self.mtp(self.backbone.embeddings(next_ids), hidden, cache)
         if cache is not None:
             cache.advance(next_ids.shape[1], mtp=True)

@@ -110,7 +110,7 @@ class MoEExperts(nn.Module):
                     self._load_stacked(name, mine[name], prefix)
                     used.add(name)
             else:
-                used |= self._load_per_expert(mine, own, per_expert, prefix, missing_keys)
+                used |= self._load_per_expert(mine, own, prefix, missing_keys)
         except (ValueError, TypeError) as err:
             error_msgs.append(str(err))
             return
@@ -132,7 +132,7 @@ class MoEExperts(nn.Module):
         with torch.no_grad():
             p.copy_(t[self.first:self.first + self.num_experts])
 
-    def _load_per_expert(self, mine, own, pattern, prefix, missing_keys) -> set:
+    def _load_per_expert(self, mine, own, prefix, missing_keys) -> set:
         used = set()
         fields = ("weight",) if self.quant is None else ("weight", "weight_scale", "weight_scale_2")
         if self.quant is None:      # FP8 per-tensor experts (ModelOpt FP8): dequantized into the float stack
