@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nemotron.ssm_kernels import reference as ref
-from nemotron.ssm_kernels.triton import conv_norm as cn_kernels
+from nemotron.ssm_kernels.triton import state_update as ssu_kernels
 from nemotron.ssm_kernels.triton import ssd as ssd_kernels
 
 from .harness import BenchOp
@@ -92,7 +92,7 @@ def _ssu_inputs(shape, device, seed):
 
 def _ssu_impls() -> dict:
     def ours(s, x, dt, A, B, C, D, dtb):
-        return cn_kernels.selective_state_update(s, x, dt, A, B, C, D=D, dt_bias=dtb, dt_softplus=True)
+        return ssu_kernels.selective_state_update(s, x, dt, A, B, C, D=D, dt_bias=dtb, dt_softplus=True)
 
     def torch_ref(s, x, dt, A, B, C, D, dtb):
         return ref.selective_state_update_reference(s, x, dt, A, B, C, D=D, dt_bias=dtb, dt_softplus=True,

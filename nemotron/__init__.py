@@ -1,13 +1,13 @@
 """nemotron-kernels: fused NVFP4, Mamba-2 SSD and LatentMoE kernels and the ``nemotron``
 torch.compile backend for Nemotron 3 hybrid models.
 
-Without a CUDA device, importing the package turns on Triton's interpreter (see ``nemotron._triton``).
+Without a CUDA device, importing the package turns on Triton's interpreter (see ``nemotron.dispatch``).
 """
-from . import _triton  # noqa: F401  (must run before triton is imported)
-from .nvfp4 import quantize_
+from . import dispatch  # noqa: F401  (first: chooses Triton's interpreter before triton is imported)
+from .quantize import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["quantize_", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph"]
+__all__ = ["quantize_", "dispatch", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph"]
 
 _SUBPACKAGES = ("nvfp4", "ssm_kernels", "moe_kernels", "model", "graph")
 

@@ -14,7 +14,9 @@ __all__ = ["nemotron_backend", "NemotronPasses", "explain", "compile_regions", "
 
 
 class Explanation:
-    """What the backend did to each graph: the fusions applied and every package op with its kernel."""
+    """What the backend did to each graph: the fusions applied, and every package op as a row
+    ``(op, impl, kernel, shape)``: the implementation pinned in the node (what runs), its description
+    with the reasons other implementations were passed over, and the op's output shape."""
 
     def __init__(self, graphs: list):
         self.graphs = graphs
@@ -36,7 +38,7 @@ class Explanation:
         for i, g in enumerate(self.graphs):
             fused = ", ".join(f"{k}: {v}" for k, v in g["fusions"].items())
             lines.append(f"graph {i}: rewrites {fused or 'none'}")
-            for op, kernel, shape in g["ops"]:
+            for op, _, kernel, shape in g["ops"]:
                 lines.append(f"  {op:34s} {str(list(shape)):18s} -> {kernel}")
         return "\n".join(lines)
 

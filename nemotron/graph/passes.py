@@ -8,8 +8,9 @@
              (the normalized activation never goes to memory in bf16; triton/norm_quantize.py)
   moe        ``nemotron::moe_route`` feeding ``nemotron::moe_experts`` -> ``nemotron::moe_routed_experts``
              (routing weights and ids never leave the op)
-  lowering   annotates every package op with the kernel it runs for the device and the ``kernels``
-             choice (``node.meta["nemotron_kernel"]``), the rows of :func:`nemotron.graph.explain`
+  lowering   decides every package op's implementation through :mod:`nemotron.dispatch` (device,
+             capability, dtype, rows; the ``kernels`` option) and writes it into the node's ``impl``
+             argument, so the compiled graph runs exactly what :func:`nemotron.graph.explain` prints
 
 Everything else is left to Inductor. :class:`NemotronPasses` is a ``CustomGraphPass`` whose
 ``uuid()`` hashes the package's sources and the options, so Inductor's FX-graph cache never serves
@@ -24,12 +25,13 @@ from typing import Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from .. import dispatch
 from ..moe_kernels import ops as _moe_ops  # noqa: F401  (registers the ops the passes match)
 from ..nvfp4 import ops as _nvfp4_ops  # noqa: F401
 from ..ssm_kernels import ops as _ssm_ops  # noqa: F401
 
 FUSIONS = ("noop", "norm_quant", "moe")
-KERNELS = ("triton", "cutlass", "reference")
+KERNELS = dispatch.KERNELS
 
 _ops = torch.ops.nemotron
 _aten = torch.ops.aten
@@ -196,53 +198,50 @@ def fuse_moe_route(graph: torch.fx.Graph) -> int:
 
 # ---- lowering -----------------------------------------------------------------------------------
 
-_TRITON = {
-    "nvfp4_linear": "Triton NVFP4 GEMM (packed FP4 expanded in registers; split-K for M <= 64, persistent above)",
-    "norm_nvfp4_linear": "Triton RMSNorm+NVFP4-quantize kernel -> Triton NVFP4 GEMM (W4A4)",
-    "fp8_linear": "torch._scaled_mm FP8 GEMM (sm_89+)",
-    "nvfp4_quantize": "Triton NVFP4 quantize", "nvfp4_dequantize": "Triton NVFP4 dequantize",
-    "nvfp4_amax": "Triton amax", "hadamard16": "Triton RHT",
-    "ssd_scan": "Triton one-kernel chunked SSD scan (states on chip)",
-    "causal_conv1d": "Triton causal conv1d", "causal_conv1d_update": "Triton conv1d state update",
-    "selective_state_update": "Triton selective state update", "gated_rmsnorm": "Triton gated RMSNorm",
-    "moe_route": "torch sigmoid top-k (fp32)",
-    "moe_experts": "Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)",
-    "moe_expert_slots": "Triton grouped GEMM (slots)",
-    "moe_permute": "torch stable sort + scatter-add (no host sync)",
-    "moe_combine": "torch fixed-order sum of the k slots (deterministic)",
-    "moe_routed_experts": "route + Triton grouped GEMM in one op",
-}
+def _leading_val(op: torch._ops.OpOverload, node) -> Optional[torch.Tensor]:
+    """The fake value of the op's first tensor argument that it does not mutate: what the op itself
+    hands :func:`nemotron.dispatch.choose`."""
+    args = dict(zip([a.name for a in op._schema.arguments], node.args)) if not _functionalized(node) else {}
+    args.update(node.kwargs)
+    for a in op._schema.arguments:
+        if a.alias_info is not None and a.alias_info.is_write:
+            continue
+        v = _val(args.get(a.name))
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
 
 
-def kernel_for(op: torch._ops.OpOverload, node, kernels: Optional[str]) -> str:
-    name = op._opname
-    val = node.meta.get("val")
-    first = val[0] if isinstance(val, (tuple, list)) and val else val
-    on_gpu = isinstance(first, torch.Tensor) and first.device.type == "cuda"
-    if kernels == "reference":
-        return "reference (plain torch)"
-    if not on_gpu and kernels is None:
-        return "reference (plain torch; CPU tensors)"
-    text = _TRITON.get(name, "Triton")
-    if kernels == "cutlass":
-        text += " [no CUTLASS variant of this op: Triton kept]"
-    if name in ("nvfp4_linear", "norm_nvfp4_linear") and len(node.args) > 5 and node.args[5] is True:
-        text = text.replace("GEMM (", "GEMM W4A4 (")
-    return text
+def _functionalized(node) -> bool:
+    return node.target is not None and not isinstance(node.target, torch._ops.OpOverload)
+
+
+def _set_impl(op: torch._ops.OpOverload, node, impl: str) -> None:
+    """Write the chosen implementation into the node's ``impl`` argument (the op's last)."""
+    names = [a.name for a in op._schema.arguments]
+    idx = names.index("impl")
+    if not _functionalized(node) and len(node.args) > idx:
+        node.args = (*node.args[:idx], impl, *node.args[idx + 1:])
+    else:
+        node.kwargs = {**node.kwargs, "impl": impl}
 
 
 def lower(graph: torch.fx.Graph, kernels: Optional[str]) -> list:
+    """Decide every package op's implementation now, through the same table eager calls use, and pin it
+    in the node (``impl``), so what runs is what the report (:func:`nemotron.graph.explain`) says."""
     rows = []
     for node in graph.nodes:
         op = _package_op(node)
         if op is None:
             continue
-        kernel = kernel_for(op, node, kernels)
-        node.meta["nemotron_kernel"] = kernel
+        x = _leading_val(op, node)
+        choice = dispatch.choose(op._opname, x, kernels=kernels, record=False)
+        _set_impl(op, node, choice.name)
+        node.meta["nemotron_kernel"] = str(choice)
         val = node.meta.get("val")
         first = val[0] if isinstance(val, (tuple, list)) and val else val
         shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
-        rows.append((f"nemotron::{op._opname}", kernel, shape))
+        rows.append((f"nemotron::{op._opname}", choice.name, str(choice), shape))
     return rows
 
 
@@ -298,4 +297,5 @@ class NemotronPasses(CustomGraphPass):
         self.report.append({"fusions": matched, "ops": lower(graph, self.kernels)})
 
     def uuid(self):
-        return (_source_hash(), tuple(p.uuid() for p in self.passes), self.kernels)
+        # the lowering pins implementations: a graph compiled under another forced choice is another graph
+        return (_source_hash(), tuple(p.uuid() for p in self.passes), self.kernels or dispatch.forced())

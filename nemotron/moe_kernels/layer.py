@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nvfp4.format import NVFP4Tensor
+from ..nvfp4.format import KeepsStorageDtypes, NVFP4Tensor
 from . import ops
 
 
-class MoEExperts(nn.Module):
+class MoEExperts(KeepsStorageDtypes, nn.Module):
     """Stacked routed experts, ``up_proj [E, I, l]`` and ``down_proj [E, l, I]`` (HF's in-memory layout).
 
     ``state_dict()`` writes one entry per expert as checkpoints do (``{e}.up_proj.weight [I, l]``,
@@ -32,6 +32,8 @@ class MoEExperts(nn.Module):
     ``down_proj``. Under expert parallelism the module holds experts ``[first, first + E)`` of
     ``num_global`` and reads or writes only its own.
     """
+
+    _STORAGE = ("up_scales", "up_gs", "up_input_scale", "down_scales", "down_gs", "down_input_scale")
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, first: int = 0,
                  num_global: Optional[int] = None, dtype=None, device=None):

@@ -1,8 +1,9 @@
 """MoE ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
 
-Dispatch follows :func:`nemotron.nvfp4.ops.backend_for`: the Triton grouped GEMM for CUDA tensors,
-the reference on CPU, ``NEMOTRON_KERNELS=triton|reference`` overrides (``triton`` on CPU runs the
-kernels under the interpreter).
+Each op picks its implementation through :mod:`nemotron.dispatch`: the Triton grouped GEMM for CUDA
+tensors, the reference elsewhere; routing, permutation and the combine are torch ops (their own
+references). A trailing ``impl`` argument names the implementation outright (the ``nemotron``
+backend's lowering writes it).
 """
 from __future__ import annotations
 
@@ -10,26 +11,27 @@ from typing import Optional
 
 import torch
 
+from .. import dispatch
+from ..dispatch import FLOAT_DTYPES as _FLOATS
 from ..nvfp4.format import NVFP4Tensor
-from ..nvfp4.ops import backend_for
 from . import reference as ref
 from .triton import grouped_gemm as kernels
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- torch.library ops -------------------------------------------------------------------------
 
 @torch.library.custom_op("nemotron::moe_route", mutates_args=())
 def _route_op(logits: torch.Tensor, top_k: int, correction_bias: Optional[torch.Tensor], n_group: int,
-              topk_group: int, renormalize: bool, scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+              topk_group: int, renormalize: bool, scaling_factor: float,
+              impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    dispatch.choose("moe_route", logits, impl)
     # sigmoid + top-k over [T, E] is a few memory-bound torch ops; no kernel of ours beats them
     return ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
                                topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
 
 
 @_route_op.register_fake
-def _(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor):
+def _(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor, impl=""):
     t = logits.shape[0]
     return logits.new_empty(t, top_k, dtype=torch.float32), logits.new_empty(t, top_k, dtype=torch.int32)
 
@@ -42,53 +44,65 @@ def _weights(w: torch.Tensor, scales: Optional[torch.Tensor], gs: Optional[torch
 
 
 @torch.library.custom_op("nemotron::moe_permute", mutates_args=())
-def _permute_op(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _permute_op(ids: torch.Tensor, num_experts: int, impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    dispatch.choose("moe_permute", ids, impl)
     # a stable sort and a scatter-add: torch does these well, sync-free on CUDA
     return ref.permute_reference(ids, num_experts)
 
 
 @_permute_op.register_fake
-def _(ids, num_experts):
+def _(ids, num_experts, impl=""):
     return ids.new_empty(ids.numel(), dtype=torch.int32), ids.new_empty(num_experts, dtype=torch.int32)
 
 
 @torch.library.custom_op("nemotron::moe_combine", mutates_args=())
-def _combine_op(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+def _combine_op(slots: torch.Tensor, top_k: int, dtype: torch.dtype, impl: str = "") -> torch.Tensor:
+    dispatch.choose("moe_combine", slots, impl)
     return ref.combine_reference(slots, top_k, dtype)
 
 
 @_combine_op.register_fake
-def _(slots, top_k, dtype):
+def _(slots, top_k, dtype, impl=""):
     return slots.new_empty(slots.shape[0] // top_k, slots.shape[1], dtype=dtype)
 
 
 @torch.library.custom_op("nemotron::moe_expert_slots", mutates_args=())
 def _slots_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
               up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
-              down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
+              down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor], impl: str = "") -> torch.Tensor:
+    return _slots(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs,
+                  dispatch.choose("moe_expert_slots", x, impl).name)
+
+
+def _slots(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl: str) -> torch.Tensor:
     up_ref, up_k = _weights(up, up_scales, up_gs)
     down_ref, down_k = _weights(down, down_scales, down_gs)
-    if backend_for(x) != "triton":
+    if impl != "triton":
         return ref.expert_slots_reference(x, weights, ids, up_ref, down_ref)
-    perm, offs = _permute_op(ids, up.shape[0])
+    perm, offs = ref.permute_reference(ids, up.shape[0])
     return kernels.expert_slots(x, weights, perm, offs, ids.shape[1], up_k, down_k)
 
 
 @_slots_op.register_fake
-def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
+def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl=""):
     return x.new_empty(ids.numel(), x.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("nemotron::moe_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
                 up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
-                down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
-    slots = _slots_op(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs)
-    return _combine_op(slots, ids.shape[1], x.dtype)
+                down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor], impl: str = "") -> torch.Tensor:
+    return _experts(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs,
+                    dispatch.choose("moe_experts", x, impl).name)
+
+
+def _experts(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl: str) -> torch.Tensor:
+    slots = _slots(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl)
+    return ref.combine_reference(slots, ids.shape[1], x.dtype)
 
 
 @_experts_op.register_fake
-def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
+def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl=""):
     return torch.empty_like(x)
 
 
@@ -96,17 +110,19 @@ def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs):
 def _routed_experts_op(x: torch.Tensor, logits: torch.Tensor, correction_bias: Optional[torch.Tensor], top_k: int,
                        n_group: int, topk_group: int, renormalize: bool, scaling_factor: float, up: torch.Tensor,
                        up_scales: Optional[torch.Tensor], up_gs: Optional[torch.Tensor], down: torch.Tensor,
-                       down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor]) -> torch.Tensor:
+                       down_scales: Optional[torch.Tensor], down_gs: Optional[torch.Tensor],
+                       impl: str = "") -> torch.Tensor:
     """route -> permute -> grouped GEMM -> combine as one op: what the ``nemotron`` backend's MoE
     fusion substitutes for ``moe_route`` feeding ``moe_experts`` (routing never leaves the op)."""
     weights, ids = ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
                                        topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
-    return _experts_op(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs)
+    return _experts(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs,
+                    dispatch.choose("moe_routed_experts", x, impl).name)
 
 
 @_routed_experts_op.register_fake
 def _(x, logits, correction_bias, top_k, n_group, topk_group, renormalize, scaling_factor, up, up_scales, up_gs,
-      down, down_scales, down_gs):
+      down, down_scales, down_gs, impl=""):
     return torch.empty_like(x)
 
 
@@ -147,23 +163,26 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
     """
     _tensor("logits", logits, dim=2)
     t, e = logits.shape
-    if not isinstance(top_k, int) or not 1 <= top_k <= e:
-        raise ValueError(f"top_k: expected an int in [1, {e}] (E = logits.shape[1]), got {top_k!r}")
+    top_k = dispatch.check_int("top_k", top_k, lo=1, hi=e)
+    n_group = dispatch.check_int("n_group", n_group, lo=1)
+    topk_group = dispatch.check_int("topk_group", topk_group, lo=1)
+    renormalize = dispatch.check_bool("renormalize", renormalize)
+    scaling_factor = dispatch.check_float("scaling_factor", scaling_factor)
     if correction_bias is not None:
         _tensor("correction_bias", correction_bias, dim=1, device=logits.device)
         if correction_bias.shape[0] != e:
             raise ValueError(f"correction_bias: expected shape [{e}], got {tuple(correction_bias.shape)}")
-    if not isinstance(n_group, int) or n_group < 1 or e % n_group:
+    if e % n_group:
         raise ValueError(f"n_group: expected a positive divisor of E = {e}, got {n_group!r}")
     if n_group > 1 and e // n_group < 2:
         raise ValueError(f"n_group: groups are scored by their top-2 experts, so E / n_group must be >= 2, got "
                          f"{e} / {n_group}")
-    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+    if topk_group > n_group:
         raise ValueError(f"topk_group: expected an int in [1, n_group = {n_group}], got {topk_group!r}")
     if top_k > topk_group * (e // n_group):
         raise ValueError(f"top_k: {top_k} exceeds the {topk_group * (e // n_group)} experts eligible in "
                          f"topk_group = {topk_group} groups of {e // n_group}")
-    return _route_op(logits, top_k, correction_bias, n_group, topk_group, bool(renormalize), float(scaling_factor))
+    return _route_op(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor)
 
 
 def _check_weight(name: str, w, e_dim: Optional[int], n: Optional[int], k: Optional[int], device):
@@ -247,7 +266,8 @@ def expert_slots(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, 
 def combine(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum each token's ``top_k`` consecutive fp32 slot rows ``[T * k, H]`` -> ``[T, H]`` in ``dtype``."""
     _tensor("slots", slots, dim=2, dtypes=(torch.float32,))
-    if not isinstance(top_k, int) or top_k < 1 or slots.shape[0] % top_k:
+    top_k = dispatch.check_int("top_k", top_k, lo=1)
+    if slots.shape[0] % top_k:
         raise ValueError(f"top_k: expected a positive divisor of slots.shape[0] = {slots.shape[0]}, got {top_k!r}")
     if dtype not in _FLOATS:
         raise TypeError(f"dtype: expected one of {[str(d) for d in _FLOATS]}, got {dtype}")
@@ -258,8 +278,7 @@ def permute(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Te
     """Sort the ``T * k`` slots by expert: ``(perm int32 [T * k], offs int32 [E])``; ``offs`` holds the
     cumulative ends (``torch._grouped_mm``'s convention), no padding. No host sync on CUDA."""
     _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64))
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    num_experts = dispatch.check_int("num_experts", num_experts, lo=1)
     return _permute_op(ids, num_experts)
 
 

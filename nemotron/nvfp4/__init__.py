@@ -3,8 +3,8 @@ reference, the 16-point random Hadamard transform, Triton quantize/dequantize ke
 FP4 GEMM (W4A16 and emulated W4A4), and NVFP4 / FP8 linear layers with ModelOpt names.
 """
 from .format import NVFP4Tensor, swizzle_block_scales, unswizzle_block_scales
-from .linear import FP8Linear, NVFP4Linear, quantize_
+from .linear import FP8Linear, NVFP4Linear
 from .ops import dequantize, fp8_linear, global_amax, hadamard, linear, quantize
 
 __all__ = ["NVFP4Tensor", "quantize", "dequantize", "hadamard", "global_amax", "linear", "fp8_linear",
-           "NVFP4Linear", "FP8Linear", "quantize_", "swizzle_block_scales", "unswizzle_block_scales"]
+           "NVFP4Linear", "FP8Linear", "swizzle_block_scales", "unswizzle_block_scales"]

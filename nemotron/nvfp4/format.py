@@ -150,3 +150,23 @@ def unswizzle_block_scales(swizzled: torch.Tensor, m: int, s: int) -> torch.Tens
     t = swizzled.reshape(*lead, mp // 128, sp // 4, 32, 4, 4)      # [.., i, j, r%32, r//32, c]
     t = t.transpose(-3, -2).movedim(-4, -2)                        # [.., i, r//32, r%32, j, c]
     return t.reshape(*lead, mp, sp)[..., :m, :s]
+
+
+class KeepsStorageDtypes:
+    """Mixin for modules that hold quantized storage (codes, E4M3 scales, fp32 decode scales) as
+    buffers: ``module.to(dtype)``, ``.half()``, ``.bfloat16()`` and the like change the compute
+    dtype of its float parameters but move these buffers to the new device only, as torchao's
+    quantized modules do. ``_STORAGE`` names the buffers; float8 and fp32 scales would otherwise
+    be cast like any float tensor (an E4M3 scale cast to bf16 is no longer a scale the kernels read,
+    and an fp32 decode scale loses bits)."""
+
+    _STORAGE: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: b for n in self._STORAGE if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self

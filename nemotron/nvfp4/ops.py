@@ -1,66 +1,48 @@
-"""NVFP4 ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
+"""NVFP4 ops: validation at the public boundary, ``torch.library`` registrations.
 
-Dispatch (:func:`backend_for`): the Triton kernels for CUDA tensors, the reference for CPU tensors;
-``NEMOTRON_KERNELS=triton|reference`` overrides (``triton`` on CPU runs the kernels under Triton's
-interpreter, which ``import nemotron`` turns on when no GPU exists).
+Each op picks its implementation through :mod:`nemotron.dispatch` (Triton kernels for CUDA tensors,
+the references elsewhere; ``torch._scaled_mm`` for FP8); its trailing ``impl`` argument names one
+outright, which is what the ``nemotron`` backend's lowering pass writes into compiled graphs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .. import _triton
+from .. import dispatch
+from ..dispatch import FLOAT_DTYPES as _FLOAT_DTYPES
 from . import reference as ref
 from .format import BLOCK_SHAPES, NVFP4Tensor
 from .triton import gemm as gemm_kernels
 from .triton import norm_quantize as nq_kernels
 from .triton import quantize as kernels
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("triton", "reference")
-
-
-def backend_for(t: torch.Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for a tensor, honouring ``NEMOTRON_KERNELS``."""
-    want = os.environ.get("NEMOTRON_KERNELS", "").strip().lower()
-    if want:
-        if want not in BACKENDS:
-            raise ValueError(f"NEMOTRON_KERNELS: expected one of {BACKENDS}, got {want!r}")
-        if want == "triton":
-            _triton.check_device("NEMOTRON_KERNELS=triton", t)
-        return want
-    if t.is_cuda and not _triton.interpreting():
-        return "triton"
-    return "reference"  # CPU tensors: the reference is the fast path there
-
-
 # ---- torch.library ops -------------------------------------------------------------------------
 
 @torch.library.custom_op("nemotron::nvfp4_amax", mutates_args=())
-def _amax_op(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
-    if backend_for(x) == "triton":
+def _amax_op(x: torch.Tensor, hadamard: bool, impl: str = "") -> torch.Tensor:
+    if dispatch.choose("nvfp4_amax", x, impl).name == "triton":
         return kernels.amax(x, hadamard=hadamard)
     return ref.global_amax_reference(ref.hadamard_reference(x) if hadamard else x)
 
 
 @_amax_op.register_fake
-def _(x, hadamard):
+def _(x, hadamard, impl=""):
     return x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("nemotron::nvfp4_quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], tile_rows: int, stochastic: bool,
-                 seed: int, hadamard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: int, hadamard: bool, impl: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = dict(tile_rows=tile_rows, global_scale=global_scale, stochastic=stochastic, seed=seed, hadamard=hadamard)
-    impl = kernels.quantize if backend_for(x) == "triton" else ref.quantize_reference
-    codes, scales, gs = impl(x, **args)
+    run = kernels.quantize if dispatch.choose("nvfp4_quantize", x, impl).name == "triton" else ref.quantize_reference
+    codes, scales, gs = run(x, **args)
     return codes, scales.view(torch.uint8), gs  # E4M3 scales travel as their bytes (opcheck has no fp8 math)
 
 
 @_quantize_op.register_fake
-def _(x, global_scale, tile_rows, stochastic, seed, hadamard):
+def _(x, global_scale, tile_rows, stochastic, seed, hadamard, impl=""):
     k = x.shape[-1]
     return (x.new_empty(*x.shape[:-1], k // 2, dtype=torch.uint8),
             x.new_empty(*x.shape[:-1], k // 16, dtype=torch.uint8),
@@ -69,35 +51,36 @@ def _(x, global_scale, tile_rows, stochastic, seed, hadamard):
 
 @torch.library.custom_op("nemotron::nvfp4_dequantize", mutates_args=())
 def _dequantize_op(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, impl: str = "") -> torch.Tensor:
     block_scales = block_scales.view(torch.float8_e4m3fn)
-    if backend_for(codes) == "triton":
+    if dispatch.choose("nvfp4_dequantize", codes, impl).name == "triton":
         return kernels.dequantize(codes, block_scales, global_scale, dtype)
     return ref.dequantize_reference(codes, block_scales, global_scale, dtype)
 
 
 @_dequantize_op.register_fake
-def _(codes, block_scales, global_scale, dtype):
+def _(codes, block_scales, global_scale, dtype, impl=""):
     return codes.new_empty(*codes.shape[:-1], codes.shape[-1] * 2, dtype=dtype)
 
 
 @torch.library.custom_op("nemotron::hadamard16", mutates_args=())
-def _hadamard_op(x: torch.Tensor, inverse: bool) -> torch.Tensor:
-    if backend_for(x) == "triton":
+def _hadamard_op(x: torch.Tensor, inverse: bool, impl: str = "") -> torch.Tensor:
+    if dispatch.choose("hadamard16", x, impl).name == "triton":
         return kernels.hadamard(x, inverse=inverse)
     return ref.hadamard_reference(x, inverse=inverse)
 
 
 @_hadamard_op.register_fake
-def _(x, inverse):
+def _(x, inverse, impl=""):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("nemotron::nvfp4_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-               bias: Optional[torch.Tensor], act_quant: bool, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+               bias: Optional[torch.Tensor], act_quant: bool, input_scale: Optional[torch.Tensor],
+               impl: str = "") -> torch.Tensor:
     k, n = x.shape[-1], codes.shape[0]
-    if backend_for(x) != "triton":
+    if dispatch.choose("nvfp4_linear", x, impl).name != "triton":
         return ref.linear_reference(x, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias,
                                     act_quant=act_quant, input_scale=input_scale)
     x2 = x.reshape(-1, k)
@@ -112,18 +95,18 @@ def _linear_op(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor,
 
 
 @_linear_op.register_fake
-def _(x, codes, block_scales, global_scale, bias, act_quant, input_scale):
+def _(x, codes, block_scales, global_scale, bias, act_quant, input_scale, impl=""):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
 @torch.library.custom_op("nemotron::norm_nvfp4_linear", mutates_args=())
 def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, z: Optional[torch.Tensor], group_size: int, eps: float,
                     codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], input_scale: torch.Tensor) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], input_scale: torch.Tensor, impl: str = "") -> torch.Tensor:
     """(gated) RMSNorm -> NVFP4 activation quantize (static input_scale) -> W4A4 GEMM: the fusion the
     ``nemotron`` backend substitutes for a norm feeding an ``nvfp4_linear`` (see triton/norm_quantize.py)."""
     k, n = x.shape[-1], codes.shape[0]
-    if backend_for(x) != "triton":
+    if dispatch.choose("norm_nvfp4_linear", x, impl).name != "triton":
         xn = ref.norm_reference(x, norm_weight, z=z, group_size=group_size, eps=eps)
         return ref.linear_reference(xn, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias,
                                     act_quant=True, input_scale=input_scale)
@@ -136,19 +119,15 @@ def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, z: Optional[torc
 
 
 @_norm_linear_op.register_fake
-def _(x, norm_weight, z, group_size, eps, codes, block_scales, global_scale, bias, input_scale):
+def _(x, norm_weight, z, group_size, eps, codes, block_scales, global_scale, bias, input_scale, impl=""):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
-
-
-def _scaled_mm_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 @torch.library.custom_op("nemotron::fp8_linear", mutates_args=())
 def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+                   input_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], impl: str = "") -> torch.Tensor:
     weight = weight.view(torch.float8_e4m3fn)  # travels as its bytes, like the NVFP4 scales
-    if backend_for(x) != "triton" or not _scaled_mm_ok(x):
+    if dispatch.choose("fp8_linear", x, impl).name != "scaled_mm":
         return ref.fp8_linear_reference(x, weight, weight_scale, input_scale, bias)
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -163,7 +142,7 @@ def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 @_fp8_linear_op.register_fake
-def _(x, weight, weight_scale, input_scale, bias):
+def _(x, weight, weight_scale, input_scale, bias, impl=""):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -181,17 +160,9 @@ def _check_input(name: str, x, *, min_dim: int = 1) -> None:
     k = x.shape[-1]
     if k == 0 or k % 16:
         raise ValueError(f"{name}: the last dim K must be a positive multiple of 16, got {k}")
-    if x.numel() and (x.stride(-1) != 1 or not _flattens(x)):
+    if x.numel() and (x.stride(-1) != 1 or not dispatch.flattens(x)):
         raise ValueError(f"{name}: unsupported layout (strides {x.stride()}): the last dim must be contiguous and "
                          "the leading dims must flatten without a copy; call .contiguous() first")
-
-
-def _flattens(x: torch.Tensor) -> bool:
-    try:
-        x.view(-1, x.shape[-1])
-        return True
-    except RuntimeError:
-        return False
 
 
 def _check_global_scale(global_scale, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -253,11 +224,14 @@ def quantize(x: torch.Tensor, *, block_shape=(1, 16), global_scale=None, roundin
 
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``e2m1(t.codes) * fp32(t.block_scales) * t.global_scale`` as ``dtype``, shape ``t.shape``."""
+    """``e2m1(t.codes) * fp32(t.block_scales) * t.global_scale`` as ``dtype`` (float64, float32, float16
+    or bfloat16), shape ``t.shape``."""
     if not isinstance(t, NVFP4Tensor):
         raise TypeError(f"t: expected an NVFP4Tensor, got {type(t).__name__}")
+    if dtype == torch.float64:       # e2m1 * e4m3 * fp32 is formed in fp32 (the reference); widening is exact
+        return dequantize(t, torch.float32).double()
     if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        raise TypeError(f"dtype: expected float64, float32, float16 or bfloat16, got {dtype}")
     if t.per_matrix_scale:
         if t.shape[0] == 0:
             return torch.empty(t.shape, dtype=dtype, device=t.device)

@@ -1,8 +1,8 @@
 """Mamba-2 ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
 
-Dispatch follows ``nemotron.nvfp4.ops.backend_for``: Triton kernels for CUDA tensors, the
-references on CPU (the chunked fp32 SSD there; the FP64 recurrence is the tests' oracle),
-``NEMOTRON_KERNELS=triton|reference`` overrides.
+Each op picks its implementation through :mod:`nemotron.dispatch`: Triton kernels for CUDA tensors,
+the references elsewhere (the chunked fp32 SSD there; the FP64 recurrence is the tests' oracle); a
+trailing ``impl`` argument names one outright (the ``nemotron`` backend's lowering writes it).
 """
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from typing import Optional
 
 import torch
 
-from ..nvfp4.ops import _flattens, backend_for
+from .. import dispatch
+from ..dispatch import FLOAT_DTYPES as _FLOATS
 from . import reference as ref
-from .triton import conv_norm as cn_kernels
+from .triton import conv1d as conv_kernels
+from .triton import gated_rmsnorm as norm_kernels
 from .triton import ssd as ssd_kernels
+from .triton import state_update as ssu_kernels
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_SIZES = (16, 32, 64, 128, 256)
+MAX_CONV_WIDTH = 32        # the kernel unrolls its W taps; HF's Nemotron-H uses 4
 _EMPTY = lambda like: like.new_empty(0, dtype=torch.float32)  # noqa: E731  (final states not asked for)
 
 
@@ -27,10 +30,11 @@ _EMPTY = lambda like: like.new_empty(0, dtype=torch.float32)  # noqa: E731  (fin
 def _ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                  dt_softplus: bool, dt_lo: float, dt_hi: float, initial_states: Optional[torch.Tensor],
-                 cu_seqlens: Optional[torch.Tensor], return_final_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 cu_seqlens: Optional[torch.Tensor], return_final_states: bool,
+                 impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=(dt_lo, dt_hi),
               initial_states=initial_states, cu_seqlens=cu_seqlens)
-    if backend_for(x) == "triton":
+    if dispatch.choose("ssd_scan", x, impl).name == "triton":
         out = ssd_kernels.ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, return_final_states=return_final_states, **kw)
         return out if return_final_states else (out, _EMPTY(x))
     y, final = ref.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **kw)
@@ -38,7 +42,7 @@ def _ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 
 @_ssd_scan_op.register_fake
-def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, initial_states, cu_seqlens, ret):
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, initial_states, cu_seqlens, ret, impl=""):
     n_seq = (cu_seqlens.shape[0] - 1) if cu_seqlens is not None else x.shape[0]
     final = x.new_empty(n_seq, x.shape[2], x.shape[3], B.shape[3], dtype=torch.float32) if ret else _EMPTY(x)
     return torch.empty_like(x), final
@@ -60,10 +64,15 @@ def _conv_final_states(x, initial_states, cu_seqlens, w):
 @torch.library.custom_op("nemotron::causal_conv1d", mutates_args=())
 def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
                initial_states: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-               return_final_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               return_final_states: bool, impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    return _conv1d(x, weight, bias, silu, initial_states, cu_seqlens, return_final_states,
+                   dispatch.choose("causal_conv1d", x, impl).name)
+
+
+def _conv1d(x, weight, bias, silu, initial_states, cu_seqlens, return_final_states, impl: str):
     act = "silu" if silu else None
-    if backend_for(x) == "triton":
-        y = cn_kernels.causal_conv1d(x, weight, bias, activation=act, initial_states=initial_states,
+    if impl == "triton":
+        y = conv_kernels.causal_conv1d(x, weight, bias, activation=act, initial_states=initial_states,
                                      cu_seqlens=cu_seqlens)
         final = _conv_final_states(x, initial_states, cu_seqlens, weight.shape[1]) if return_final_states else None
     else:
@@ -74,7 +83,7 @@ def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @_conv1d_op.register_fake
-def _(x, weight, bias, silu, initial_states, cu_seqlens, ret):
+def _(x, weight, bias, silu, initial_states, cu_seqlens, ret, impl=""):
     n_seq = (cu_seqlens.shape[0] - 1) if cu_seqlens is not None else x.shape[0]
     final = x.new_empty(n_seq, weight.shape[1] - 1, x.shape[2]) if ret else _EMPTY(x)
     return torch.empty_like(x), final
@@ -82,43 +91,44 @@ def _(x, weight, bias, silu, initial_states, cu_seqlens, ret):
 
 @torch.library.custom_op("nemotron::causal_conv1d_update", mutates_args=("conv_state",))
 def _conv1d_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      silu: bool) -> torch.Tensor:
-    y, final = _conv1d_op(x, weight, bias, silu, conv_state, None, True)
+                      silu: bool, impl: str = "") -> torch.Tensor:
+    y, final = _conv1d(x, weight, bias, silu, conv_state, None, True, dispatch.choose("causal_conv1d_update", x, impl).name)
     conv_state.copy_(final)
     return y
 
 
 @_conv1d_update_op.register_fake
-def _(x, conv_state, weight, bias, silu):
+def _(x, conv_state, weight, bias, silu, impl=""):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("nemotron::selective_state_update", mutates_args=("state",))
 def _ssu_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], dt_softplus: bool,
-            state_indices: Optional[torch.Tensor]) -> torch.Tensor:
+            state_indices: Optional[torch.Tensor], impl: str = "") -> torch.Tensor:
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_indices=state_indices)
-    if backend_for(x) == "triton":
-        return cn_kernels.selective_state_update(state, x, dt, A, B, C, **kw)
+    if dispatch.choose("selective_state_update", x, impl).name == "triton":
+        return ssu_kernels.selective_state_update(state, x, dt, A, B, C, **kw)
     y, new = ref.selective_state_update_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
     state.copy_(new)
     return y.to(x.dtype)
 
 
 @_ssu_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices, impl=""):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("nemotron::gated_rmsnorm", mutates_args=())
-def _gated_rmsnorm_op(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
-    if backend_for(x) == "triton":
-        return cn_kernels.gated_rmsnorm(x, z, weight, group_size=group_size, eps=eps)
+def _gated_rmsnorm_op(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                      impl: str = "") -> torch.Tensor:
+    if dispatch.choose("gated_rmsnorm", x, impl).name == "triton":
+        return norm_kernels.gated_rmsnorm(x, z, weight, group_size=group_size, eps=eps)
     return ref.gated_rmsnorm_reference(x, z, weight, group_size=group_size, eps=eps, dtype=torch.float32).to(x.dtype)
 
 
 @_gated_rmsnorm_op.register_fake
-def _(x, z, weight, group_size, eps):
+def _(x, z, weight, group_size, eps, impl=""):
     return torch.empty_like(x)
 
 
@@ -221,8 +231,9 @@ def _check_conv(x, weight, bias, activation):
         raise ValueError(f"x: expected [B, T, D] (channel-last), got shape {list(x.shape)}")
     d = x.shape[2]
     _tensor("weight", weight, device=x.device)
-    if weight.dim() != 2 or weight.shape[0] != d or not (2 <= weight.shape[1] <= 4):
-        raise ValueError(f"weight: expected [D={d}, W] with width W in 2..4, got shape {list(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != d or not (1 <= weight.shape[1] <= MAX_CONV_WIDTH):
+        raise ValueError(f"weight: expected [D={d}, W] with width W in 1..{MAX_CONV_WIDTH}, got shape "
+                         f"{list(weight.shape)}")
     if not weight.is_contiguous():
         raise ValueError("weight: must be contiguous")
     _tensor("bias", bias, [d], device=x.device, optional=True)
@@ -234,7 +245,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_states=None,
                   return_final_states=False):
     """Depthwise causal conv1d over tokens, channel-last (this package's layout).
 
-    x ``[B, T, D]``; weight ``[D, W]`` (W in 2..4); bias ``[D]``; activation None | "silu";
+    x ``[B, T, D]``; weight ``[D, W]`` (W in 1..32); bias ``[D]``; activation None | "silu";
     initial_states ``[B|S, W-1, D]``: the W-1 inputs before the first token, oldest first;
     cu_seqlens: int ``[S + 1]`` for S packed sequences in a batch of 1. Equals
     ``F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=W-1, groups=D)[..., :T]``.
@@ -314,6 +325,6 @@ def gated_rmsnorm(x, z, weight, *, group_size, eps=1e-5):
     if not isinstance(group_size, int) or group_size <= 0 or d % group_size:
         raise ValueError(f"group_size: expected a positive divisor of D={d}, got {group_size}")
     for name, v in (("x", x), ("z", z)):
-        if not _flattens(v):
+        if not dispatch.flattens(v):
             raise ValueError(f"{name}: leading dims must flatten without a copy; call .contiguous()")
     return _gated_rmsnorm_op(x, z, weight, group_size, float(eps))

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _triton
+from ...dispatch import interpreting
 from ...nvfp4.triton.gemm import _fp4_tile
 
 BK = 64
@@ -115,7 +115,7 @@ def block_table(offs: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, t
 
 
 def _dot_dtype(x: torch.Tensor):
-    if _triton.interpreting() or x.dtype == torch.float32:
+    if interpreting() or x.dtype == torch.float32:
         return tl.float32          # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug)
     return tl.float16 if x.dtype == torch.float16 else tl.bfloat16
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _triton
+from ...dispatch import interpreting
 from .quantize import _e2m1_decode, _e4m3_decode
 
 # Launch configurations by shape class. Defaults, not yet tuned on a GPU: `python -m bench
@@ -141,7 +141,7 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
     if m == 0 or n == 0:
         return out
     bm, bn, bk, warps, stages = _pick_config(m)
-    if _triton.interpreting() or x.dtype == torch.float32:
+    if interpreting() or x.dtype == torch.float32:
         dot_dtype = tl.float32     # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug)
     else:
         dot_dtype = tl.float16 if (not fp4_x and x.dtype == torch.float16) else tl.bfloat16

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _triton
+from ...dispatch import interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)   # kernels may read only constexpr globals
 
@@ -133,7 +133,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     n_seq = cu_seqlens.numel() - 1 if cu_seqlens is not None else b
     y = torch.empty(b, t, h, p, dtype=x.dtype, device=x.device)
     final = torch.empty(n_seq, h, p, n, dtype=torch.float32, device=x.device) if return_final_states else None
-    if _triton.interpreting() or x.dtype == torch.float32:
+    if interpreting() or x.dtype == torch.float32:
         dot_dtype = tl.float32      # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug)
     else:
         dot_dtype = tl.float16 if x.dtype == torch.float16 else tl.bfloat16

@@ -1,0 +1,80 @@
+"""Triton kernel: the single-token selective state update (Mamba-2 decode), in place.
+
+Each program owns a [BP, N] slice of one head's state: read once, decayed and updated in fp32,
+written back in the state's dtype; y is its contraction with C (+ D skip, silu(z) gate).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _state_update_fwd_kernel(s_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, idx_ptr, y_ptr,
+                             H, P, N, HG, ss_b, ss_h, sx_b, sx_h, sdt_b, sdt_h, sdt_p, sa_h, sa_p, sa_n,
+                             sb_b, sb_g, sc_b, sc_g, sd_h, sd_p, sz_b, sz_h, sdtb_h, sdtb_p, sy_b, sy_h,
+                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, HAS_IDX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    i_b, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_p = i_p * BP + tl.arange(0, BP)
+    o_n = tl.arange(0, BN)
+    m_p, m_n = o_p < P, o_n < N
+    m_pn = m_p[:, None] & m_n[None, :]
+    p_y = y_ptr + i_b * sy_b + i_h * sy_h + o_p
+    row = i_b.to(tl.int64)
+    if HAS_IDX:
+        row = tl.load(idx_ptr + i_b).to(tl.int64)
+    if row < 0:                                                          # padding slot: skip, y = 0
+        tl.store(p_y, tl.zeros((BP,), dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=m_p)
+    else:
+        i_g = i_h // HG
+        p_s = s_ptr + row * ss_b + i_h * ss_h + o_p[:, None] * N + o_n[None, :]
+        b_s = tl.load(p_s, mask=m_pn, other=0.0).to(tl.float32)                              # [BP, BN]
+        b_x = tl.load(x_ptr + i_b * sx_b + i_h * sx_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+        b_dt = tl.load(dt_ptr + i_b * sdt_b + i_h * sdt_h + o_p * sdt_p, mask=m_p, other=0.0).to(tl.float32)
+        if HAS_DTB:
+            b_dt += tl.load(dtb_ptr + i_h * sdtb_h + o_p * sdtb_p, mask=m_p, other=0.0).to(tl.float32)
+        if SOFTPLUS:
+            b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+        b_a = tl.load(a_ptr + i_h * sa_h + o_p[:, None] * sa_p + o_n[None, :] * sa_n, mask=m_pn, other=0.0).to(tl.float32)
+        b_B = tl.load(b_ptr + i_b * sb_b + i_g * sb_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_C = tl.load(c_ptr + i_b * sc_b + i_g * sc_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_s = b_s * tl.exp(b_a * b_dt[:, None]) + (b_dt * b_x)[:, None] * b_B[None, :]
+        tl.store(p_s, b_s.to(s_ptr.dtype.element_ty), mask=m_pn)
+        b_y = tl.sum(b_s * b_C[None, :], axis=1)
+        if HAS_D:
+            b_y += b_x * tl.load(d_ptr + i_h * sd_h + o_p * sd_p, mask=m_p, other=0.0).to(tl.float32)
+        if HAS_Z:
+            b_z = tl.load(z_ptr + i_b * sz_b + i_h * sz_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
+
+
+def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_indices=None):
+    """In-place decode step (validated arguments, broadcast views allowed; see ops.selective_state_update)."""
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
+    if b == 0:
+        return y
+    dt3 = dt[..., None].expand(b, h, p) if dt.dim() == 2 else dt
+    a3 = A[:, None, None].expand(h, p, n) if A.dim() == 1 else A
+    d2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
+    dtb2 = None if dt_bias is None else (dt_bias[:, None].expand(h, p) if dt_bias.dim() == 1 else dt_bias)
+    zz = z if z is not None else x
+    dummy = x
+    bp = min(16, triton.next_power_of_2(p))
+    bn = max(16, triton.next_power_of_2(n))
+    _state_update_fwd_kernel[(b, h, triton.cdiv(p, bp))](
+        state, x, dt3, a3, B, C, d2 if d2 is not None else dummy, zz, dtb2 if dtb2 is not None else dummy,
+        state_indices if state_indices is not None else dummy, y,
+        h, p, n, h // g, state.stride(0), state.stride(1), x.stride(0), x.stride(1),
+        dt3.stride(0), dt3.stride(1), dt3.stride(2), a3.stride(0), a3.stride(1), a3.stride(2),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        d2.stride(0) if d2 is not None else 0, d2.stride(1) if d2 is not None else 0, zz.stride(0), zz.stride(1),
+        dtb2.stride(0) if dtb2 is not None else 0, dtb2.stride(1) if dtb2 is not None else 0, y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus,
+        HAS_IDX=state_indices is not None, BP=bp, BN=bn, num_warps=4)
+    return y
