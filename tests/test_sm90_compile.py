@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
     import nemotron  # noqa: F401
     from nemotron.nvfp4.triton import gemm, quantize as q
-    from nemotron.ssm_kernels.triton import conv_norm as cn, ssd
+    from nemotron.ssm_kernels.triton import conv1d, gated_rmsnorm, ssd, state_update
     from nemotron.moe_kernels.triton import grouped_gemm as moe
     from nemotron.nvfp4.triton import norm_quantize as nq
 
@@ -62,13 +62,13 @@ SCRIPT = textwrap.dedent('''
         done.append(compile_one(ssd._ssd_fwd_kernel, dict(
             HAS_D=True, D_PER_P=False, HAS_Z=z, HAS_DTB=True, SOFTPLUS=True, CLAMP_DT=False, HAS_S0=True,
             STORE_FINAL=True, IS_VARLEN=varlen, DOT_DTYPE=tl.bfloat16, IEEE=False, Q=128, BP=64, BN=128), io))
-    done.append(compile_one(cn._conv1d_fwd_kernel, dict(W=4, HAS_BIAS=True, HAS_S0=True, SILU=True, IS_VARLEN=True,
+    done.append(compile_one(conv1d._conv1d_fwd_kernel, dict(W=4, HAS_BIAS=True, HAS_S0=True, SILU=True, IS_VARLEN=True,
                                                         BT=32, BD=128),
                             {"x_ptr": "*bf16", "y_ptr": "*bf16", "s0_ptr": "*bf16", "cu_ptr": "*i32"}))
-    done.append(compile_one(cn._state_update_fwd_kernel, dict(HAS_D=True, HAS_Z=True, HAS_DTB=True, SOFTPLUS=True,
+    done.append(compile_one(state_update._state_update_fwd_kernel, dict(HAS_D=True, HAS_Z=True, HAS_DTB=True, SOFTPLUS=True,
                                                               HAS_IDX=True, BP=16, BN=128),
                             {"x_ptr": "*bf16", "y_ptr": "*bf16", "idx_ptr": "*i32"}))
-    done.append(compile_one(cn._gated_rmsnorm_fwd_kernel, dict(BG=1024),
+    done.append(compile_one(gated_rmsnorm._gated_rmsnorm_fwd_kernel, dict(BG=1024),
                             {"x_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16"}))
     idx = {n: "*i32" for n in ("perm_ptr", "blk_e_ptr", "blk_r_ptr", "offs_ptr")}
     for gather, w_fp4, (_, bm, bn, warps, stages) in [(True, False, moe.CONFIGS[0]), (False, True, moe.CONFIGS[0]),

@@ -244,6 +244,12 @@ class LatentMoE(nn.Module):
             experts in the latent width, results return as fp32 slots; ``self.comm_bytes`` holds the
             bytes this rank sent in the last forward. The split sizes are exchanged first, which
             costs one device-to-host copy per forward.
+        ep_timeout: seconds each exchange may wait for its peers (default 60; None: the process
+            group's own timeout, 30 minutes on gloo and 10 on NCCL by default). A rank that fails
+            mid-step leaves its peers waiting in ``all_to_all``; past the timeout they raise a
+            ``RuntimeError`` naming their rank and the peer ranks of the exchange. Bound the group
+            too (``init_process_group(timeout=timedelta(seconds=60))``) for the collectives outside
+            this layer.
 
     Parameters (HF names): ``gate.weight [E, H]``, ``gate.e_score_correction_bias [E]``,
     ``fc1_latent_proj.weight [l, H]``, ``fc2_latent_proj.weight [H, l]``, ``experts.{e}.up_proj.weight
@@ -260,8 +266,12 @@ class LatentMoE(nn.Module):
     def __init__(self, hidden_size: int, *, num_experts: int, top_k: int, intermediate_size: int,
                  shared_intermediate_size: int, latent_size: Optional[int] = None, n_group: int = 1,
                  topk_group: int = 1, renormalize: bool = True, scaling_factor: float = 1.0, bias: bool = False,
-                 ep_group=None, dtype=None, device=None):
+                 ep_group=None, ep_timeout: Optional[float] = 60.0, dtype=None, device=None):
         super().__init__()
+        if ep_timeout is not None and (isinstance(ep_timeout, bool) or not isinstance(ep_timeout, (int, float))
+                                       or not 0 < ep_timeout < float("inf")):
+            raise ValueError(f"ep_timeout: expected a positive finite number of seconds or None, got {ep_timeout!r}")
+        self.ep_timeout = ep_timeout
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k: expected an int in [1, num_experts = {num_experts}], got {top_k}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
@@ -318,12 +328,14 @@ class LatentMoE(nn.Module):
         order = torch.argsort(dest, stable=True)                                        # slots by rank
         send = torch.zeros(world, dtype=torch.int64, device=xl.device).scatter_add_(0, dest, torch.ones_like(dest))
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
+        me = group.rank()
+        self._all_to_all("split sizes", recv, send, None, None, [r for r in range(world) if r != me])
         send_n, recv_n = send.tolist(), recv.tolist()                                   # the one host sync
+        peers = [r for r in range(world) if r != me and (send_n[r] or recv_n[r])]
 
-        def exchange(t: torch.Tensor, out_rows, in_splits, out_splits):
+        def exchange(t: torch.Tensor, out_rows, in_splits, out_splits, what="rows"):
             out = t.new_empty(out_rows, *t.shape[1:])
-            dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=group)
+            self._all_to_all(what, out, t.contiguous(), out_splits, in_splits, peers)
             return out
 
         rows_in = sum(recv_n)
@@ -331,13 +343,31 @@ class LatentMoE(nn.Module):
         ids_recv = exchange((flat_ids[order] % local).to(torch.int32), rows_in, send_n, recv_n)
         w_recv = exchange(weights.reshape(-1)[order].float(), rows_in, send_n, recv_n)
         slots_recv = self.experts.slots(x_recv, w_recv[:, None], ids_recv[:, None])     # [R, l] fp32
-        slots_back = exchange(slots_recv, order.numel(), recv_n, send_n)
+        slots_back = exchange(slots_recv, order.numel(), recv_n, send_n, "result slots")
         slots = torch.empty_like(slots_back)
         slots[order] = slots_back
-        me = group.rank()
         out_rows = sum(send_n) - send_n[me]                                             # rows that leave
         back_rows = rows_in - recv_n[me]
         self.comm_bytes = {"dispatch": out_rows * xl.shape[1] * xl.element_size(),
                            "combine": back_rows * slots.shape[1] * slots.element_size(),
                            "metadata": world * 8 + out_rows * (4 + 4)}
         return ops.combine(slots, k, xl.dtype)
+
+    def _all_to_all(self, what: str, out, inp, out_splits, in_splits, peers) -> None:
+        """One ``all_to_all_single``, waited on for at most ``ep_timeout`` seconds; a failure (a peer
+        that crashed, or one that never joined the exchange) raises naming this rank and its peers."""
+        import datetime
+
+        import torch.distributed as dist
+        try:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ep_group, async_op=True)
+            if self.ep_timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=self.ep_timeout))
+        except RuntimeError as err:
+            waited = f"{self.ep_timeout} s (ep_timeout)" if self.ep_timeout is not None else "the process group's timeout"
+            raise RuntimeError(
+                f"LatentMoE expert parallelism: rank {self.ep_group.rank()} of {self.ep_group.size()}: the all_to_all "
+                f"of the {what} with peer rank(s) {peers} failed within {waited}; one of those ranks crashed or "
+                f"did not reach this MoE layer's forward. Cause: {err}") from err

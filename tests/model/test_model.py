@@ -8,21 +8,17 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import nemotron
+from nemotron import dispatch
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
 
+from ..close import assert_close, assert_equal, max_abs
 from ..strategies import seeds
 
 transformers = pytest.importorskip("transformers")
 
 # fp32 end to end; HF adds in other orders (its experts in fp32, ours in fp64; its SSD chunked in
-# fp32 like ours): agreement to ~1e-5 of the logits' scale over a few layers
+# fp32 like ours): agreement to ~1e-5 of the logits' scale (max |logit|) over a few layers
 REL = 1e-4
-
-
-def _close(got, want, rel=REL, what=""):
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} * max |want| {scale:.3g}"
 
 
 def _hf_model(pattern, seed, *, latent=32, n_group=1, topk_group=1, k=2, experts=4, mamba_groups=2):
@@ -63,7 +59,7 @@ def test_logits_match_hf_prefill_and_decode(tmp_path_factory, kw, t, seed):
     ids = torch.randint(0, 96, (2, t + 3), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         want = hf(ids).logits
-        _close(ours(ids), want, what="prefill")
+        assert_close(ours(ids), want, atol=REL * max_abs(want), what="prefill")
         # HF's own cached decode against ours, step by step
         pkv = hf(ids[:, :t], use_cache=True).past_key_values
         cache = ours.new_cache(2, t + 3)
@@ -71,7 +67,8 @@ def test_logits_match_hf_prefill_and_decode(tmp_path_factory, kw, t, seed):
         for j in range(t, t + 3):
             out = hf(ids[:, j:j + 1], past_key_values=pkv, use_cache=True)
             pkv = out.past_key_values
-            _close(ours(ids[:, j:j + 1], cache=cache), out.logits, what=f"decode step {j}")
+            assert_close(ours(ids[:, j:j + 1], cache=cache), out.logits, atol=REL * max_abs(out.logits),
+                         what=f"decode step {j}")
 
 
 def _tiny(seed=0, **over):
@@ -98,21 +95,22 @@ def test_prefill_then_decode_equals_one_prefill():
         want = m(ids)
         cache = m.new_cache(2, 40)
         got = [m(ids[:, :20], cache=cache)] + [m(ids[:, j:j + 1], cache=cache) for j in range(20, 30)]
-        _close(torch.cat(got, 1), want, rel=1e-5, what="prefill 20 + 10 decode steps")
+        assert_close(torch.cat(got, 1), want, atol=1e-5 * max_abs(want), what="prefill 20 + 10 decode steps")
         # chunked prefill (chunks not multiples of the SSD chunk, crossing attention offsets)
         cache = m.new_cache(2, 40)
         got = [m(ids[:, s:s + 7], cache=cache) for s in range(0, 30, 7)]
-        _close(torch.cat(got, 1), want, rel=1e-5, what="chunked prefill")
+        assert_close(torch.cat(got, 1), want, atol=1e-5 * max_abs(want), what="chunked prefill")
 
 
 def test_generate_chunked_prefill_and_mtp_greedy_equal_plain_greedy():
     m = _scaled(_tiny(seed=1), seed=1)
     ids = torch.randint(3, 256, (1, 17), generator=torch.Generator().manual_seed(2))
     plain = m.generate(ids, max_new_tokens=20)
-    assert plain.shape == (1, 37) and torch.equal(plain[:, :17], ids)
-    assert torch.equal(m.generate(ids, max_new_tokens=20, prefill_chunk=5), plain)
+    assert plain.shape == (1, 37)
+    assert_equal(plain[:, :17], ids, what="prompt")
+    assert_equal(m.generate(ids, max_new_tokens=20, prefill_chunk=5), plain, what="chunked prefill")
     for k in (1, 3):
-        assert torch.equal(m.generate(ids, max_new_tokens=20, mtp_draft_tokens=k), plain)
+        assert_equal(m.generate(ids, max_new_tokens=20, mtp_draft_tokens=k), plain, what=f"MTP k={k}")
         stats = m.last_generate_stats
         assert stats["drafted"] == k * stats["rounds"]
 
@@ -151,7 +149,7 @@ def test_cache_options_fp8_kv_and_fp16_ssm_state():
             cache = m.new_cache(1, 24, **kw)
             got = torch.cat([m(ids[:, :16], cache=cache)] + [m(ids[:, j:j + 1], cache=cache) for j in range(16, 24)], 1)
             # fp8 keys/values (3 mantissa bits) and fp16 states perturb the logits by a few percent
-            _close(got, want, rel=0.1, what=str(kw))
+            assert_close(got, want, atol=0.1 * max_abs(want), what=str(kw))
             assert not torch.equal(got, want)                 # the option really changes the numerics
     with pytest.raises(ValueError, match="ssm_rounding"):
         m.new_cache(1, 8, ssm_rounding="up")
@@ -179,7 +177,7 @@ def test_save_load_round_trip_single_and_sharded(tmp_path):
     for sub in ("one", "shards"):
         again = NemotronHForCausalLM.from_pretrained(str(tmp_path / sub))
         with torch.no_grad():
-            assert torch.equal(again(ids), want), sub
+            assert_equal(again(ids), want, what=sub)
     assert any(k.startswith("mtp.layers.0.eh_proj") for k in again.state_dict())
 
 
@@ -211,7 +209,7 @@ def test_quantize_save_load_round_trip_with_modelopt_names(tmp_path):
     assert again.backbone.layers[2].mixer.o_proj.act_quant == "nvfp4"
     assert again.backbone.layers[1].mixer.experts.quant == "nvfp4"
     with torch.no_grad():
-        assert torch.equal(again(ids), want)
+        assert_equal(again(ids), want)
 
 
 def test_uniform_nvfp4_modelopt_config_with_exclusions(tmp_path):
@@ -231,7 +229,7 @@ def test_uniform_nvfp4_modelopt_config_with_exclusions(tmp_path):
     assert loaded.backbone.layers[1].mixer.experts.quant == "nvfp4"
     ids = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
-        assert torch.equal(loaded(ids), q(ids))
+        assert_equal(loaded(ids), q(ids))
 
 
 def _saved_tiny(tmp_path):
@@ -294,9 +292,9 @@ def test_kernel_path_matches_reference_path(kernel_device):
     ids = torch.randint(0, 256, (1, 19))
     with torch.no_grad():
         want = m(ids)
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "triton"}):
+        with dispatch.use("triton"):
             got = m.to(kernel_device)(ids.to(kernel_device)).cpu()
-    _close(got, want, rel=1e-4, what="triton kernels (fp32)")
+    assert_close(got, want, atol=1e-4 * max_abs(want), what="triton kernels (fp32)")
 
 
 def test_generate_bad_arguments():
@@ -343,10 +341,10 @@ def test_tiny_model_on_gpu_kernels_match_reference_and_mtp_is_exact():
     ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(15)).cuda()
     with torch.no_grad():
         got = m(ids)
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference"}):
+        with dispatch.use("reference"):
             want = m(ids)
-    _close(got, want, rel=1e-3, what="GPU kernels (fp32, tf32-free) vs reference")
-    assert torch.equal(m.generate(ids, max_new_tokens=16, mtp_draft_tokens=3), m.generate(ids, max_new_tokens=16))
+    assert_close(got, want, atol=1e-3 * max_abs(want), what="GPU kernels (fp32, tf32-free) vs reference")
+    assert_equal(m.generate(ids, max_new_tokens=16, mtp_draft_tokens=3), m.generate(ids, max_new_tokens=16))
 
 
 def test_fp8_modelopt_checkpoint_with_fp8_experts(tmp_path):
@@ -380,7 +378,7 @@ def test_fp8_modelopt_checkpoint_with_fp8_experts(tmp_path):
     assert loaded.backbone.layers[1].mixer.experts.quant is None
     ids = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
-        assert torch.equal(loaded(ids), m(ids))
+        assert_equal(loaded(ids), m(ids))
 
 
 def test_generate_eos_and_sampling():
@@ -395,7 +393,8 @@ def test_generate_eos_and_sampling():
     # sampling: reproducible with a generator, a different stream gives different tokens, MTP included
     runs = [m.generate(ids, max_new_tokens=16, temperature=1.0, top_p=0.9, mtp_draft_tokens=k,
                        generator=torch.Generator().manual_seed(s)) for k, s in ((0, 1), (0, 1), (0, 2), (2, 1))]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert_equal(runs[0], runs[1], what="the same generator")
+    assert not torch.equal(runs[0], runs[2])
     assert runs[3].shape == (1, 28) and int(runs[3].max()) < 256
     # batch > 1 without MTP: finished rows continue with the pad token
     two = torch.cat([ids, ids.flip(1)])

@@ -1,14 +1,14 @@
 """The LatentMoE layer against HF transformers' NemotronHMoE; checkpoint names; NVFP4 experts; errors."""
-import os
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
 import nemotron
+from nemotron import dispatch
 from nemotron.moe_kernels import LatentMoE
 
+from ..close import assert_close, assert_equal, max_abs
 from ..strategies import seeds
 
 hf_moe = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
@@ -30,11 +30,6 @@ def _hf_layer(cfg, seed):
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
         hf.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=g) * 0.05)
     return hf
-
-
-def _close(got, want, rel):
-    err = (got - want).abs().max().item()
-    assert err <= rel * want.abs().max().item(), f"max error {err:.3g} vs {rel:.1g} * max |want|"
 
 
 @st.composite
@@ -61,7 +56,7 @@ def test_layer_matches_hf_nemotron_h_moe(kw, tokens, seed):
     assert got.shape == h.shape and got.dtype == h.dtype
     # fp32 throughout; HF adds its products and slots in other orders (and its experts in fp32, ours
     # in fp64): agreement to a few fp32 ulps of the output scale
-    _close(got, want, 1e-5)
+    assert_close(got, want, atol=1e-5 * max_abs(want))
 
 
 def test_kernel_path_matches_reference_path(kernel_device):
@@ -71,9 +66,9 @@ def test_kernel_path_matches_reference_path(kernel_device):
     h = torch.randn(3, 11, 64)
     with torch.no_grad():
         want = ours(h)
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "triton"}):
+        with dispatch.use("triton"):
             got = ours.to(kernel_device)(h.to(kernel_device)).cpu()
-    _close(got, want, 1e-5)      # fp32: the same math, another summation order
+    assert_close(got, want, atol=1e-5 * max_abs(want))      # fp32: the same math, another summation order
 
 
 def test_state_dict_uses_checkpoint_names_and_round_trips():
@@ -89,7 +84,7 @@ def test_state_dict_uses_checkpoint_names_and_round_trips():
     again.load_state_dict(sd, strict=True)
     h = torch.randn(5, 64)
     with torch.no_grad():
-        assert torch.equal(again(h), ours(h))
+        assert_equal(again(h), ours(h))
 
 
 def test_nvfp4_experts_layer_and_modelopt_names():
@@ -111,7 +106,8 @@ def test_nvfp4_experts_layer_and_modelopt_names():
     hf = hf_moe.NemotronHMoE(cfg)
     hf.load_state_dict(hf_sd)
     with torch.no_grad():
-        _close(ours(h), hf(h), 1e-5)
+        want = hf(h)
+        assert_close(ours(h), want, atol=1e-5 * max_abs(want))     # fp32, other summation orders
     # NVFP4 state dict loads into another NVFP4 layer bit for bit, input scales included
     sd["experts.0.up_proj.input_scale"] = torch.tensor(0.5)
     with pytest.raises(RuntimeError, match="input_scale: present for some experts only"):
@@ -122,7 +118,7 @@ def test_nvfp4_experts_layer_and_modelopt_names():
     other = _quantized(cfg)
     other.load_state_dict(sd, strict=True)
     with torch.no_grad():
-        assert torch.equal(other(h), ours(h))
+        assert_equal(other(h), ours(h))
     assert other.state_dict()["experts.5.down_proj.input_scale"].item() == 5.25
 
 

@@ -1,15 +1,15 @@
 """The fused (gated) RMSNorm + NVFP4 quantize kernel and the fused W4A4 linear op against the references."""
-import os
-from unittest import mock
 
 import torch
 from hypothesis import example, given, strategies as st
 
 import nemotron.moe_kernels  # noqa: F401  (registers nemotron::moe_routed_experts)
 import nemotron.nvfp4 as nvfp4
+from nemotron import dispatch
 from nemotron.nvfp4 import reference as ref
 from nemotron.nvfp4.triton import norm_quantize as nq
 
+from ..close import assert_close, assert_equal, max_abs
 from ..strategies import seeds
 
 
@@ -35,8 +35,8 @@ def test_norm_quantize_kernel_matches_reference(kernel_device, m, groups, gsize,
     want_v = ref.dequantize_reference(want_c, want_s, input_scale)
     differ = (got_v != want_v).float().mean().item()
     assert differ <= 0.01, f"{differ:.2%} of the quantized values differ"
-    step = want_v.abs().max().item() / 6 * 2 + 1e-30        # largest code step of any block, generous
-    assert (got_v - want_v).abs().max().item() <= step
+    step = max_abs(want_v) / 6 * 2 + 1e-30                  # largest code step of any block, generous
+    assert_close(got_v, want_v, atol=step, what="dequantized codes")
 
 
 def test_fused_linear_op_matches_unfused(kernel_device):
@@ -48,12 +48,12 @@ def test_fused_linear_op_matches_unfused(kernel_device):
     for zz, gs in ((None, 96), (z, 32)):
         args = (x, w, zz, gs, 1e-5, W.codes, W.block_scales.view(torch.uint8), W.global_scale, None, s)
         want = nvfp4.linear(ref.norm_reference(x, w, z=zz, group_size=gs, eps=1e-5), W, act_quant="nvfp4", input_scale=s)
-        torch.testing.assert_close(torch.ops.nemotron.norm_nvfp4_linear(*args), want, rtol=0, atol=0)
+        assert_equal(torch.ops.nemotron.norm_nvfp4_linear(*args), want)
         d = kernel_device
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "triton"}):
+        with dispatch.use("triton"):
             got = torch.ops.nemotron.norm_nvfp4_linear(*[a.to(d) if isinstance(a, torch.Tensor) else a for a in args])
         # fp32 GEMM reordering plus rare code flips from the norm's summation order
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        assert_close(got, want, rtol=1e-2, atol=1e-2 * max_abs(want))
 
 
 def test_opcheck_fused_ops():

@@ -6,20 +6,18 @@ from hypothesis import given, strategies as st
 
 from nemotron import ssm_kernels as ssm
 from nemotron.ssm_kernels import reference as ref
-from nemotron.ssm_kernels.triton import conv_norm as kernels
+from nemotron.ssm_kernels.triton import conv1d, gated_rmsnorm, state_update
 
+from ..close import assert_close, assert_equal, max_abs
 from ..strategies import seeds
 
 # fp32 math in every kernel: <= 4 products (conv), one N-sum (state update), one group sum (norm)
-# per output, then one rounding to the output dtype.
+# per output, then one rounding to the output dtype. Relative to max |reference|.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _close(got, want, dtype):
-    want = want.double()
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item() + 1e-30
-    assert err <= TOL[dtype] * scale, f"max err {err:.3g} vs scale {scale:.3g}"
+def _close(got, want, dtype, what="values"):
+    assert_close(got, want, atol=TOL[dtype] * max_abs(want), what=what)
 
 
 @given(seed=seeds, b=st.integers(1, 2), t=st.integers(1, 40), d=st.sampled_from([8, 24, 40, 136]),
@@ -40,18 +38,18 @@ def test_conv1d_kernel_matches_reference(kernel_device, seed, b, t, d, w, silu, 
     act = "silu" if silu else None
     want, want_f = ref.causal_conv1d_reference(x, wt, bs, activation=act, initial_states=s0, cu_seqlens=cu)
     dv = kernel_device
-    got = kernels.causal_conv1d(x.to(dv), wt.to(dv), bs.to(dv) if bias else None, activation=act,
+    got = conv1d.causal_conv1d(x.to(dv), wt.to(dv), bs.to(dv) if bias else None, activation=act,
                                 initial_states=s0.to(dv) if init else None, cu_seqlens=cu.to(dv) if varlen else None)
-    _close(got.cpu(), want, dtype)
+    _close(got, want, dtype)
     _, f = ssm.causal_conv1d(x, wt, bs, activation=act, initial_states=s0, cu_seqlens=cu, return_final_states=True)
-    assert torch.equal(f.double(), want_f.to(dtype).double())
+    assert_equal(f.double(), want_f.to(dtype).double(), what="final states")
 
 
 def test_conv1d_reference_equals_torch_conv1d():
     x, w, b = torch.randn(2, 17, 12, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     want = F.conv1d(x.transpose(1, 2), w[:, None], b, padding=3, groups=12)[..., :17].transpose(1, 2)
     got, _ = ref.causal_conv1d_reference(x, w, b)
-    assert torch.allclose(got, want, atol=1e-12)
+    assert_close(got, want, atol=1e-12)                 # fp64: 4 products and a bias, in another order
 
 
 def test_conv1d_update_steps_equal_full_conv():
@@ -61,7 +59,7 @@ def test_conv1d_update_steps_equal_full_conv():
     for t in range(12):
         y = ssm.causal_conv1d_update(x[:, t], state, w, b, activation="silu")
         _close(y, full[:, t], torch.float32)
-    assert torch.equal(state, x[:, -3:])
+    assert_equal(state, x[:, -3:], what="conv state")
 
 
 @given(seed=seeds, b=st.integers(1, 3), h=st.sampled_from([2, 4]), p=st.sampled_from([4, 12]), n=st.sampled_from([8, 16]),
@@ -85,9 +83,9 @@ def test_state_update_kernel_matches_reference(kernel_device, seed, b, h, p, n, 
     dv = kernel_device
     st_k = state.to(dv)
     mv = lambda v: v.to(dv) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    got = kernels.selective_state_update(st_k, *(mv(v) for v in (x, dt, A, B, C)), **{k: mv(v) for k, v in kw.items()})
-    _close(got.cpu(), want_y, torch.float32)
-    _close(st_k.cpu(), want_s, state_dtype)
+    got = state_update.selective_state_update(st_k, *(mv(v) for v in (x, dt, A, B, C)), **{k: mv(v) for k, v in kw.items()})
+    _close(got, want_y, torch.float32, what="y")
+    _close(st_k, want_s, state_dtype, what="state")
     if pad:
         assert (got[0] == 0).all()
 
@@ -99,8 +97,8 @@ def test_gated_rmsnorm_kernel_matches_reference(kernel_device, seed, rows, group
     d = groups * gs
     x, z, w = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype), torch.randn(d, generator=g)
     want = ref.gated_rmsnorm_reference(x, z, w, group_size=gs)
-    got = kernels.gated_rmsnorm(x.to(kernel_device), z.to(kernel_device), w.to(kernel_device), group_size=gs)
-    _close(got.cpu(), want, dtype)
+    got = gated_rmsnorm.gated_rmsnorm(x.to(kernel_device), z.to(kernel_device), w.to(kernel_device), group_size=gs)
+    _close(got, want, dtype)
     _close(ssm.gated_rmsnorm(x, z, w, group_size=gs), want, dtype)
 
 
@@ -108,7 +106,7 @@ def test_gated_rmsnorm_is_norm_after_gate():
     x, z, w = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
     y = ref.gated_rmsnorm_reference(x, z, w, group_size=32)
     v = x * F.silu(z)
-    assert torch.allclose(y, v / v.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt())
+    assert_close(y, v / v.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt(), rtol=1e-12)     # fp64, another order
 
 
 def test_opchecks():
