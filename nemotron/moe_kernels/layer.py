@@ -320,7 +320,6 @@ class LatentMoE(nn.Module):
         return y.view(h.shape) + self.shared_experts(h)
 
     def _expert_parallel(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
         group, k = self.ep_group, self.top_k
         world, local = group.size(), self.experts.num_experts
         flat_ids = ids.reshape(-1).long()
