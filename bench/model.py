@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from unittest import mock
 
 import torch
 
 import nemotron  # noqa: F401  (chooses Triton's interpreter before triton is imported)
+from nemotron import dispatch
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
 
 from . import harness
@@ -74,7 +73,7 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
             f = _compiled(model, backend, regional)
             torch._dynamo.utils.counters.clear()
             tag = f"{impl}/{backend}"
-            with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "reference" if impl == "reference" else "triton"}):
+            with dispatch.use("reference" if impl == "reference" else "triton"):
                 with torch.no_grad():
                     for t in prefill:
                         ids = torch.randint(3, cfg.vocab_size, (1, t), generator=gen, device=device)
