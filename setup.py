@@ -1,4 +1,4 @@
-"""Distribution `nemotron-kernels`: fused Triton/CUTLASS kernels and a torch.compile backend for Nemotron 3."""
+"""Distribution `nemotron-kernels`: fused Triton kernels and a torch.compile backend for Nemotron 3."""
 from setuptools import find_packages, setup
 
 setup(
