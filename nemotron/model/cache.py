@@ -1,7 +1,7 @@
 """The hybrid cache: per-layer KV for attention, conv and SSM states for Mamba-2, allocated once.
 
-  KV          ``[B, max_len, KVH, D]`` per attention layer, the model dtype (or float8_e4m3fn with a
-              unit scale, ``kv_dtype=torch.float8_e4m3fn``: values are saturated to +-448)
+  KV          ``[B, max_len, KVH, D]`` per attention layer, the model dtype, or ``kv_dtype``: float32,
+              bfloat16, float16, or float8_e4m3fn with a unit scale (values saturated to +-448)
   conv state  ``[B, W-1, conv_dim]`` per Mamba layer, channel-last: the last W-1 xBC inputs
   SSM state   ``[B, H, P, N]`` per Mamba layer, fp32 (or fp16, rounded to nearest or stochastically
               with a seeded generator; the update itself always runs in fp32)
@@ -21,6 +21,25 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+SSM_DTYPES = (torch.float32, torch.float16)
+
+
+def _dtype_arg(name: str, v, allowed: tuple) -> torch.dtype:
+    if not isinstance(v, torch.dtype):
+        raise TypeError(f"{name}: expected a torch.dtype, one of {allowed}, got {v!r}")
+    if v not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {v}")
+    return v
+
+
+def _size_arg(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected a positive int, got {v!r} ({type(v).__name__})")
+    if v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v}")
+    return v
 
 
 class LayerCache:
@@ -81,19 +100,17 @@ class HybridCache:
     def __init__(self, config, batch: int, max_len: int, *, device=None, dtype=torch.float32,
                  kv_dtype: Optional[torch.dtype] = None, ssm_dtype: torch.dtype = torch.float32,
                  ssm_rounding: str = "nearest", seed: int = 0, mtp: bool = False):
-        if ssm_dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"ssm_dtype: expected torch.float32 or torch.float16, got {ssm_dtype}")
+        _dtype_arg("ssm_dtype", ssm_dtype, SSM_DTYPES)
+        kv_dtype = dtype if kv_dtype is None else _dtype_arg("kv_dtype", kv_dtype, KV_DTYPES)
         if ssm_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"ssm_rounding: expected 'nearest' or 'stochastic', got {ssm_rounding!r}")
-        if max_len < 1 or batch < 1:
-            raise ValueError(f"batch, max_len: expected positive sizes, got {batch}, {max_len}")
+        batch, max_len = _size_arg("batch", batch), _size_arg("max_len", max_len)
         self.batch, self.max_len = batch, max_len
         self.pos = torch.zeros((), dtype=torch.int64, device=device)      # tokens of the main model
         self.mtp_pos = torch.zeros((), dtype=torch.int64, device=device)  # tokens the MTP attention cached
         self.ssm_dtype, self.ssm_rounding = ssm_dtype, ssm_rounding
         self.recording = False
         self._gen = torch.Generator(device=device).manual_seed(seed) if ssm_rounding == "stochastic" else None
-        kv_dtype = kv_dtype or dtype
         self.kv, self.conv, self.ssm = {}, {}, {}
         kv_shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
         kinds = list(enumerate(config.layers_block_type))

@@ -4,17 +4,28 @@ Reads both spellings of the layer pattern: ``hybrid_override_pattern`` ("M" Mamb
 "*" attention, "-" MLP) and ``layers_block_type`` (``linear_attention`` / ``moe`` /
 ``full_attention`` / ``mlp``; older files say ``mamba`` / ``attention``), and likewise the MTP
 pattern. Values of the presets: the architecture notes section 1.1 (Super and Nano config.json).
+
+Every config is validated when it is built (:data:`_RULES`: each field's type and range, then the
+relations between fields); a bad value is a TypeError / ValueError naming the field. Two fields
+are kept for round trips only, as HF treats them: ``chunk_size`` (the scan's result does not
+depend on it; the model uses the package's scan tile) and ``attention_bias`` (HF's attention
+projections have no bias whatever the flag says).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
-from typing import Optional
+import warnings
+from typing import NamedTuple, Optional
 
 _CHAR_TO_TYPE = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 _TYPE_TO_CHAR = {v: k for k, v in _CHAR_TO_TYPE.items()}
 _ALIASES = {"mamba": "linear_attention", "attention": "full_attention"}
+MODEL_TYPES = ("nemotron_h", "nemotron_3")          # the second: HF's legacy spelling
+DTYPES = ("float32", "bfloat16", "float16")
 
 SUPER_PATTERN = "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME"
 NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -31,7 +42,7 @@ class NemotronHConfig:
     ssm_state_size: int = 128
     n_groups: int = 8
     conv_kernel: int = 4
-    chunk_size: int = 128
+    chunk_size: int = 128                    # round trips only: the scan tile is the package's
     use_conv_bias: bool = True
     use_bias: bool = False
     time_step_min: float = 0.001
@@ -42,7 +53,7 @@ class NemotronHConfig:
     num_attention_heads: int = 32
     num_key_value_heads: int = 2
     head_dim: int = 128
-    attention_bias: bool = False
+    attention_bias: bool = False             # round trips only: HF builds the projections without bias
     # MoE
     n_routed_experts: int = 512
     num_experts_per_tok: int = 22
@@ -62,20 +73,20 @@ class NemotronHConfig:
     layer_norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 262144
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2          # or a list of ids, as HF allows
+    pad_token_id: Optional[int] = 0
     initializer_range: float = 0.02
-    dtype: str = "bfloat16"
+    dtype: Optional[str] = "bfloat16"        # None (HF's default): bfloat16
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name in _RULES:
+                setattr(self, f.name, _RULES[f.name].check(f.name, getattr(self, f.name)))
         self.layers_block_type = _normalize_types("layers_block_type", self.layers_block_type)
-        self.mtp_layers_block_type = _normalize_types("mtp_layers_block_type", self.mtp_layers_block_type)
-        if self.mamba_num_heads % self.n_groups:
-            raise ValueError(f"n_groups: {self.n_groups} must divide mamba_num_heads {self.mamba_num_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads "
-                             f"{self.num_attention_heads}")
+        self.mtp_layers_block_type = _normalize_types("mtp_layers_block_type", self.mtp_layers_block_type,
+                                                      empty_ok=not self.num_nextn_predict_layers)
+        _check_relations(self)
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -97,22 +108,42 @@ class NemotronHConfig:
     # -- HF config.json -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "NemotronHConfig":
+        """The config of a parsed HF ``config.json``, read as HF reads it.
+
+        The file must carry :data:`REQUIRED` (the model's shape is never guessed); a field it
+        omits takes HF's default (:data:`_HF_DEFAULTS` where it differs from the dataclass's
+        Super values); HF's legacy names (``mamba_d_conv``, ``torch_dtype``, ...) are read as HF
+        reads them. A ``num_hidden_layers`` that disagrees with the pattern is warned about and the
+        pattern wins, as in HF. Keys this model does not use are ignored, except the activations:
+        one this model does not run is an error.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict (a parsed config.json), got {type(d).__name__}")
         d = dict(d)
-        if d.get("model_type", "nemotron_h") != "nemotron_h":
-            raise ValueError(f"config: expected model_type 'nemotron_h', got {d.get('model_type')!r}")
+        if d.get("model_type", "nemotron_h") not in MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {d.get('model_type')!r}")
+        for name, ours in _LEGACY.items():                 # HF: the legacy name wins when present
+            if name in d and d[name] is not None:
+                d[ours] = d.pop(name)
+        if d.get("dtype") is None and d.get("torch_dtype") is not None:
+            d["dtype"] = d["torch_dtype"]
         for types, pattern in (("layers_block_type", "hybrid_override_pattern"),
                                ("mtp_layers_block_type", "mtp_hybrid_override_pattern")):
-            if d.get(types) is None:
-                d.pop(types, None)
-                if d.get(pattern):
-                    d[types] = list(d[pattern])
-        if "mamba_n_groups" in d and "n_groups" not in d:
-            d["n_groups"] = d["mamba_n_groups"]
-        if "torch_dtype" in d and "dtype" not in d:
-            d["dtype"] = d["torch_dtype"]
-        if "num_hidden_layers" in d and "layers_block_type" in d and d["num_hidden_layers"] != len(d["layers_block_type"]):
-            raise ValueError(f"config: num_hidden_layers {d['num_hidden_layers']} does not match the "
-                             f"{len(d['layers_block_type'])} layers of the pattern")
+            source = types if d.get(types) is not None else pattern
+            if d.get(source) is not None:    # checked here, under the name the file used
+                d[types] = _normalize_types(source, d[source], empty_ok=types.startswith("mtp"))
+        missing = [_SPELLED.get(f, f) for f in REQUIRED if d.get(f) is None]
+        if missing:
+            raise ValueError(f"config: missing required field(s): {'; '.join(missing)} (every config.json "
+                             "carries vocab_size, hidden_size and the layer pattern)")
+        for name, runs in _ACTIVATIONS.items():
+            if d.get(name, runs[0]) not in runs:
+                raise ValueError(f"{name}: this model runs {' / '.join(runs)}, got {d[name]!r}")
+        n = d.get("num_hidden_layers")
+        if n is not None and n != len(d["layers_block_type"]):
+            warnings.warn(f"config: num_hidden_layers {n!r} does not match the {len(d['layers_block_type'])} layers "
+                          "of the pattern; using the pattern", stacklevel=2)
+        d = {**_HF_DEFAULTS, **d}
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -147,19 +178,128 @@ class NemotronHConfig:
         return cls(**PRESETS[name])
 
 
-def _normalize_types(name: str, types) -> list:
+# ---- validation -----------------------------------------------------------------------------------
+
+class _Rule(NamedTuple):
+    """A field's type and range. Bools are not ints; an int is taken where a float is meant (and
+    stored as a float, which HF's strict config requires); floats must be finite."""
+    kind: type
+    lo: Optional[float] = None          # the least value allowed
+    strict: bool = False                # the value must exceed ``lo``
+    optional: bool = False              # None is allowed
+    choices: tuple = ()
+    many: bool = False                  # a non-empty list of such values is allowed too
+
+    def expected(self) -> str:
+        if self.choices:
+            what = f"one of {self.choices}"
+        elif self.kind is bool:
+            what = "a bool"
+        else:
+            what = ("an int" if self.kind is int else "a finite number") + (
+                "" if self.lo is None else f" {'>' if self.strict else '>='} {self.lo:g}")
+        return what + (" (or a list of them)" if self.many else "") + (" or None" if self.optional else "")
+
+    def check(self, name: str, v):
+        if v is None and self.optional:
+            return v
+        if self.many and isinstance(v, (list, tuple)) and v:
+            return [self.check(name, x) for x in v]
+        if self.kind is bool:
+            ok = isinstance(v, bool)
+        elif self.kind is int:
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        elif self.kind is float:
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, self.kind)
+        if not ok:
+            raise TypeError(f"{name}: expected {self.expected()}, got {v!r} ({type(v).__name__})")
+        if self.kind is float:
+            v = float(v)
+        elif self.kind is int:
+            v = int(v)
+        bad = ((self.choices and v not in self.choices) or (self.kind is float and not math.isfinite(v))
+               or (self.lo is not None and (v <= self.lo if self.strict else v < self.lo)))
+        if bad:
+            raise ValueError(f"{name}: expected {self.expected()}, got {v!r}")
+        return v
+
+
+_POSITIVE = _Rule(int, 1)
+_FLAG = _Rule(bool)
+_RULES = {
+    **{f: _POSITIVE for f in ("vocab_size", "hidden_size", "mamba_num_heads", "mamba_head_dim", "ssm_state_size",
+                              "n_groups", "conv_kernel", "chunk_size", "num_attention_heads", "num_key_value_heads",
+                              "head_dim", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                              "moe_shared_expert_intermediate_size", "n_group", "topk_group", "intermediate_size",
+                              "max_position_embeddings")},
+    **{f: _FLAG for f in ("use_conv_bias", "use_bias", "attention_bias", "norm_topk_prob", "mlp_bias",
+                          "tie_word_embeddings")},
+    "moe_latent_size": _Rule(int, 1, optional=True),
+    "num_nextn_predict_layers": _Rule(int, 0),
+    "bos_token_id": _Rule(int, 0, optional=True),
+    "eos_token_id": _Rule(int, 0, optional=True, many=True),
+    "pad_token_id": _Rule(int, 0, optional=True),
+    "time_step_min": _Rule(float, 0, strict=True),      # the dt clamp, and its log starts the dt init
+    "time_step_max": _Rule(float, 0, strict=True),
+    "time_step_floor": _Rule(float, 0),
+    "routed_scaling_factor": _Rule(float, 0, strict=True),
+    "layer_norm_epsilon": _Rule(float, 0, strict=True),
+    "initializer_range": _Rule(float, 0),
+    "mamba_ssm_cache_dtype": _Rule(str, choices=DTYPES),
+    "dtype": _Rule(str, choices=DTYPES, optional=True),
+}
+REQUIRED = ("vocab_size", "hidden_size", "layers_block_type")
+_SPELLED = {"layers_block_type": "the layer pattern (hybrid_override_pattern or layers_block_type)"}
+# HF's defaults where they differ from the dataclass's (which are Super's): a field a config.json
+# omits means what it means to HF
+_HF_DEFAULTS = dict(num_key_value_heads=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=7688,
+                    moe_shared_expert_intermediate_size=7688, moe_latent_size=None, routed_scaling_factor=1.0,
+                    intermediate_size=21504, num_nextn_predict_layers=0, max_position_embeddings=4096)
+_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
+           "mamba_dt_max": "time_step_max", "mamba_dt_init_floor": "time_step_floor",
+           "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
+_ACTIVATIONS = {"mamba_hidden_act": ("silu", "swish"), "mlp_hidden_act": ("relu2",)}
+
+
+def _check_relations(c: NemotronHConfig) -> None:
+    """What the fields must satisfy together (each field already has its type and range)."""
+    rules = [
+        (c.mamba_num_heads % c.n_groups == 0, "n_groups", f"must divide mamba_num_heads {c.mamba_num_heads}"),
+        (c.num_attention_heads % c.num_key_value_heads == 0, "num_key_value_heads",
+         f"must divide num_attention_heads {c.num_attention_heads}"),
+        (c.time_step_min <= c.time_step_max, "time_step_max", f"must be >= time_step_min {c.time_step_min}"),
+        (c.n_routed_experts % c.n_group == 0, "n_group", f"must divide n_routed_experts {c.n_routed_experts}"),
+        (c.n_group == 1 or c.n_routed_experts // c.n_group >= 2, "n_group",
+         "groups are scored by their top-2 experts: n_routed_experts / n_group must be >= 2"),
+        (c.topk_group <= c.n_group, "topk_group", f"must be <= n_group {c.n_group}"),
+        (c.num_experts_per_tok <= c.topk_group * (c.n_routed_experts // c.n_group), "num_experts_per_tok",
+         f"must be <= the {c.topk_group * (c.n_routed_experts // c.n_group)} experts of topk_group {c.topk_group} "
+         f"groups of n_routed_experts {c.n_routed_experts} / n_group {c.n_group}"),
+    ]
+    for ok, name, what in rules:
+        if not ok:
+            raise ValueError(f"{name}: {getattr(c, name)} {what}")
+
+
+def _normalize_types(name: str, types, *, empty_ok: bool = False) -> list:
+    """A layer pattern (a string of pattern characters, or a list of type names / characters) as a
+    list of type names; an empty one is an error unless ``empty_ok``."""
     if isinstance(types, str):
         types = list(types)
+    if not isinstance(types, (list, tuple)):
+        raise TypeError(f"{name}: expected a pattern string or a list of layer types, got {type(types).__name__}")
+    if not types and not empty_ok:
+        raise ValueError(f"{name}: the layer pattern is empty")
     out = []
     for t in types:
-        t = _CHAR_TO_TYPE.get(t, _ALIASES.get(t, t))
-        if t not in _TYPE_TO_CHAR:
+        t = _CHAR_TO_TYPE.get(t, _ALIASES.get(t, t)) if isinstance(t, str) else t
+        if not isinstance(t, str) or t not in _TYPE_TO_CHAR:
             raise ValueError(f"{name}: unknown layer type {t!r}; expected one of {sorted(_TYPE_TO_CHAR)} "
                              "or the pattern characters M, E, *, -")
         out.append(t)
     return out
-
-
 _TINY = dict(vocab_size=256, hidden_size=64, layers_block_type=list("ME*EM-E"), mamba_num_heads=4, mamba_head_dim=16,
              ssm_state_size=16, n_groups=2, chunk_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,

@@ -9,9 +9,48 @@ argmax; sampling: a sample from its distribution), so greedy output is the same 
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
+
+
+def _int_arg(name: str, v, lo: int, *, optional: bool = False):
+    """``v`` as an int >= lo (None passes if optional); bools and floats are not ints."""
+    if v is None and optional:
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {lo}{' or None' if optional else ''}, got {v!r} "
+                        f"({type(v).__name__})")
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
+
+
+def _float_arg(name: str, v, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    """``v`` as a finite float in [lo, hi] (``(lo, hi]`` if lo_open); ints are taken, bools not."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {v!r} ({type(v).__name__})")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+        if math.isfinite(hi):
+            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        else:
+            span = f"{'>' if lo_open else '>='} {lo:g}"
+        raise ValueError(f"{name}: expected a finite number {span}, got {v}")
+    return v
+
+
+def _eos_arg(v) -> tuple:
+    """The stop ids as a tuple: None -> (), an id, or a non-empty list of ids (as HF configs write)."""
+    if v is None:
+        return ()
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise ValueError("eos_token_id: expected an int >= 0, a non-empty list of them, or None, got []")
+        return tuple(_int_arg("eos_token_id", x, 0) for x in v)
+    return (_int_arg("eos_token_id", v, 0),)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -38,7 +77,8 @@ def _prefill(model, input_ids, cache, chunk: Optional[int], keep_all: bool) -> t
 
 
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             mtp_draft_tokens: int = 0, prefill_chunk: Optional[int] = None, eos_token_id: Optional[int] = None,
+             mtp_draft_tokens: int = 0, prefill_chunk: Optional[int] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None,
              generator: Optional[torch.Generator] = None, cache_kwargs: Optional[dict] = None,
              max_len: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens; returns ``[B, T + n]``.
@@ -49,7 +89,8 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         mtp_draft_tokens: k > 0 drafts k tokens per round with the MTP block (batch 1); statistics
             land in ``model.last_generate_stats`` (drafted, accepted, acceptance rate, rounds).
         prefill_chunk: prefill the prompt in chunks of this many tokens (long prompts).
-        eos_token_id: stop a sequence there (finished rows of a batch continue with the pad token).
+        eos_token_id: stop a sequence at this id (or at any id of a list); finished rows of a batch
+            continue with the config's pad token (its first stop id if it has none).
         cache_kwargs: passed to :meth:`NemotronHForCausalLM.new_cache` (``kv_dtype``, ``ssm_dtype``,
             ``ssm_rounding``).
         max_len: the cache length (default: prompt + max_new_tokens + drafts). A compiled model
@@ -57,17 +98,25 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         backend: run the decode steps through ``torch.compile(model, backend=backend)`` (e.g.
             ``"nemotron"``); the compiled model is kept on the model and reused across calls.
     """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected an int tensor [B, T], got {type(input_ids).__name__}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk: expected a positive int, got {prefill_chunk}")
-    k = mtp_draft_tokens
-    if k < 0 or (k and model.mtp is None):
-        raise ValueError(f"mtp_draft_tokens: expected 0, or k > 0 with a model that has an MTP block, got {k}")
+    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
+    temperature = _float_arg("temperature", temperature, 0.0)
+    top_p = _float_arg("top_p", top_p, 0.0, 1.0, lo_open=True)
+    prefill_chunk = _int_arg("prefill_chunk", prefill_chunk, 1, optional=True)
+    max_len = _int_arg("max_len", max_len, 1, optional=True)
+    eos = _eos_arg(eos_token_id)
+    k = _int_arg("mtp_draft_tokens", mtp_draft_tokens, 0)
+    if k and model.mtp is None:
+        raise ValueError(f"mtp_draft_tokens: {k} drafts need a model with an MTP block (num_nextn_predict_layers > 0)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if cache_kwargs is not None and not isinstance(cache_kwargs, dict):
+        raise TypeError(f"cache_kwargs: expected a dict or None, got {type(cache_kwargs).__name__}")
+    if backend is not None and not (isinstance(backend, str) or callable(backend)):
+        raise TypeError(f"backend: expected a torch.compile backend name (or callable) or None, got {backend!r}")
     if k and input_ids.shape[0] != 1:
         raise ValueError(f"mtp_draft_tokens: speculative decoding runs batch 1, got batch {input_ids.shape[0]}")
     b, t = input_ids.shape
@@ -81,10 +130,10 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
         nxt = _sample(model.lm_head(hidden[:, -1]).float(), temperature, top_p, generator)
         if k:
             out = _speculate(model, input_ids, hidden, nxt, cache, max_new_tokens, k, temperature, top_p, generator,
-                             eos_token_id)
+                             eos)
         else:
             step = _compiled(model, backend) if backend else model
-            out = _decode(model, step, nxt, cache, max_new_tokens, temperature, top_p, generator, eos_token_id)
+            out = _decode(model, step, nxt, cache, max_new_tokens, temperature, top_p, generator, eos)
     return torch.cat([input_ids, out], 1)
 
 
@@ -96,29 +145,31 @@ def _compiled(model, backend: str):
     return cache[backend]
 
 
-def _decode(model, step, nxt, cache, max_new, temperature, top_p, generator, eos):
+def _decode(model, step, nxt, cache, max_new, temperature, top_p, generator, eos: tuple):
     pad = model.config.pad_token_id
+    pad = eos[0] if pad is None and eos else pad
+    stops = torch.tensor(eos, dtype=nxt.dtype, device=nxt.device)
     done = torch.zeros_like(nxt, dtype=torch.bool)
     tokens = []
     for i in range(max_new):
-        if eos is not None:
+        if eos:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            done = done | (nxt == eos)
+            done = done | torch.isin(nxt, stops)
         tokens.append(nxt)
-        if i + 1 == max_new or (eos is not None and bool(done.all())):
+        if i + 1 == max_new or (eos and bool(done.all())):
             break
         nxt = _sample(step(nxt[:, None], cache=cache)[:, -1], temperature, top_p, generator)
     model.last_generate_stats = {"rounds": len(tokens), "drafted": 0, "accepted": 0}
     return torch.stack(tokens, 1)
 
 
-def _speculate(model, input_ids, hidden, nxt, cache, max_new, k, temperature, top_p, generator, eos):
+def _speculate(model, input_ids, hidden, nxt, cache, max_new, k, temperature, top_p, generator, eos: tuple):
     emitted = [int(nxt)]
     pend_h = hidden                                                  # positions the MTP has not seen
     pend_tok = torch.cat([input_ids[:, 1:], nxt[:, None]], 1)        # the token after each of them
     last = nxt
     drafted = accepted = rounds = 0
-    while len(emitted) < max_new and not (eos is not None and emitted[-1] == eos):
+    while len(emitted) < max_new and emitted[-1] not in eos:
         rounds += 1
         # draft: catch up on the pending positions, then apply the MTP block recursively
         h_m, lg = model.mtp_step(pend_tok, pend_h, cache)
@@ -141,7 +192,7 @@ def _speculate(model, input_ids, hidden, nxt, cache, max_new, k, temperature, to
         pend_tok = torch.tensor([new], device=hv.device)
         last = target[n_acc:n_acc + 1]
         for tok in new:
-            if len(emitted) < max_new and not (eos is not None and emitted[-1] == eos):
+            if len(emitted) < max_new and emitted[-1] not in eos:
                 emitted.append(tok)
     model.last_generate_stats = {"rounds": rounds, "drafted": drafted, "accepted": accepted,
                                  "acceptance_rate": accepted / drafted if drafted else 0.0,

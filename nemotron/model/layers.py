@@ -16,6 +16,11 @@ from ..ssm_kernels import ops as ssm
 from .cache import LayerCache
 from .config import NemotronHConfig
 
+# The SSD scan's chunk tile. The scan's result does not depend on it (only the summation order
+# does), so it is the package's choice, not the config's: HF accepts any ``chunk_size`` and this
+# model runs every such config with this tile (``config.chunk_size`` is kept for round trips).
+SCAN_CHUNK = 128
+
 
 class RMSNorm(nn.Module):
     """fp32 RMSNorm, weight applied in fp32, result in the input dtype (HF ``NemotronHRMSNorm``)."""
@@ -83,7 +88,7 @@ class Mamba2Mixer(nn.Module):
             s0 = cache.ssm_initial() if cache is not None else None
             y, s_final = ssm.ssd_scan(xs.reshape(b, t, self.heads, self.head_dim), dt.contiguous(), A,
                                       B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
-                                      chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                      chunk_size=SCAN_CHUNK, D=self.D, dt_bias=self.dt_bias,
                                       dt_softplus=True, dt_limit=(self.cfg.time_step_min, float("inf")),
                                       initial_states=s0, return_final_states=True)
             if cache is not None:
@@ -116,11 +121,13 @@ class Mamba2Mixer(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA without positional encoding (Nemotron-H); torch SDPA over the static KV cache."""
+    """GQA without positional encoding (Nemotron-H); torch SDPA over the static KV cache. The
+    projections have no bias whatever ``config.attention_bias`` says: HF ignores the flag, so its
+    checkpoints never carry attention biases."""
 
     def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
         super().__init__()
-        kw = dict(bias=cfg.attention_bias, dtype=dtype, device=device)
+        kw = dict(bias=False, dtype=dtype, device=device)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)

@@ -54,6 +54,9 @@ class NemotronHForCausalLM(nn.Module):
 
     def __init__(self, config: NemotronHConfig, *, dtype=None, device=None):
         super().__init__()
+        if not isinstance(config, NemotronHConfig):
+            raise TypeError(f"config: expected a NemotronHConfig (NemotronHConfig.from_dict reads a config.json "
+                            f"dict), got {type(config).__name__}")
         self.config = config
         self.backbone = Backbone(config, dtype=dtype, device=device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)

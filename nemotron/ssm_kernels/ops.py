@@ -58,7 +58,7 @@ def _conv_final_states(x, initial_states, cu_seqlens, w):
             idx = si if cu_seqlens is not None else bi
             hist = initial_states[idx] if initial_states is not None else x.new_zeros(w - 1, d)
             out.append(torch.cat([hist.to(x.dtype), x[bi, s0:s1]], 0)[s1 - s0:])
-    return torch.stack(out)
+    return torch.stack(out) if out else x.new_zeros(0, w - 1, d)
 
 
 @torch.library.custom_op("nemotron::causal_conv1d", mutates_args=())

@@ -269,15 +269,17 @@ def test_config_presets_and_hf_spellings():
     assert sup.conv_dim == 10240 and sup.mamba_intermediate + sup.conv_dim + sup.mamba_num_heads == 18560
     nano = NemotronHConfig.preset("nano-30b-a3b")
     assert nano.num_hidden_layers == 52 and nano.moe_latent_size is None
-    d = NemotronHConfig.from_dict({"model_type": "nemotron_h", "hybrid_override_pattern": "M*E",
+    d = NemotronHConfig.from_dict({"model_type": "nemotron_h", "vocab_size": 64, "hidden_size": 64,
+                                   "hybrid_override_pattern": "M*E",
                                    "mtp_hybrid_override_pattern": "*E", "layers_block_type": None})
     assert d.layers_block_type[1] == "full_attention"
-    old = NemotronHConfig.from_dict({"layers_block_type": ["mamba", "attention", "moe"]})
+    old = NemotronHConfig.from_dict({"vocab_size": 64, "hidden_size": 64,
+                                     "layers_block_type": ["mamba", "attention", "moe"]})
     assert old.hybrid_override_pattern == "M*E"
     assert NemotronHConfig.from_dict(sup.to_dict()) == sup
     with pytest.raises(ValueError, match="preset"):
         NemotronHConfig.preset("giant")
-    with pytest.raises(ValueError, match="layers_block_type"):
+    with pytest.raises(ValueError, match="hybrid_override_pattern"):
         NemotronHConfig.from_dict({"hybrid_override_pattern": "MX"})
 
 
