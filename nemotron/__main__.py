@@ -4,17 +4,22 @@
                                         generation with and without MTP; then every kernel vs its reference
   generate --model DIR [--ids 1,2,3 | --prompt TEXT]   generate from a checkpoint
   quantize --model DIR --recipe R --out DIR            BF16 HF checkpoint -> ModelOpt NVFP4 checkpoint
+
+A user mistake (a bad argument, an unreadable checkpoint or recipe, a missing file) ends the command
+with one line on stderr, ``nemotron <command>: error: ...``, and exit status 2 (arguments) or 1.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
-from unittest import mock
 
 import torch
 
 import nemotron  # noqa: F401  (chooses Triton's interpreter before triton is imported)
+from nemotron import dispatch
 
 # (label, block rows, rounding, hadamard): every NVFP4 quantize path
 PATHS = [
@@ -25,6 +30,54 @@ PATHS = [
     ("RHT + 1x16 nearest", 1, "nearest", True),
     ("RHT + 1x16 stochastic", 1, "stochastic", True),
 ]
+
+
+class UsageError(ValueError):
+    """A command-line argument that is not what the command takes (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):               # one line through main(), not usage + message + exit
+        raise UsageError(message)
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _multiple_of_16(s: str) -> int:
+    v = _int_at_least(16)(s)
+    if v % 16:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 16 (the NVFP4 block), got {v}")
+    return v
+
+
+def _positive_finite(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s}")
+    return v
+
+
+def _token_ids(s: str) -> list:
+    try:
+        ids = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        ids = []
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer token ids, got {s!r}")
+    return ids
 
 
 def _time_ms(fn, iters: int = 20) -> float:
@@ -40,16 +93,17 @@ def _time_ms(fn, iters: int = 20) -> float:
 
 
 def demo(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="nemotron demo", description="The tiny model end to end, then every kernel.")
+    p = _Parser(prog="nemotron demo", description="The tiny model end to end, then every kernel.")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
     p.add_argument("--explain", action="store_true",
                    help="print what the nemotron backend does to the tiny model (fusions, kernel per op) and stop")
-    a, rest = p.parse_known_args(argv)
+    _kernel_options(p)
+    a = p.parse_args(argv)                  # every option checked before the (slow) model demo runs
     if a.explain:
         return _explain_tiny()
     ok = _demo_model(compile_model=not a.no_compile)
     print()
-    return kernels_demo(rest) or (0 if ok else 1)
+    return _kernels(a) or (0 if ok else 1)
 
 
 def _tiny(dev):
@@ -78,8 +132,7 @@ def _to_w4a4(model, dev):
 
 def _explain_tiny() -> int:
     import nemotron.graph
-    from nemotron import _triton
-    dev = torch.device("cuda" if not _triton.interpreting() else "cpu")
+    dev = torch.device("cuda" if not dispatch.interpreting() else "cpu")
     cfg, model = _tiny(dev)
     _to_w4a4(model, dev)
     ids = torch.randint(3, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -92,9 +145,8 @@ def _demo_model(compile_model: bool) -> bool:
     """Builds the tiny preset, quantizes it to NVFP4, runs it eagerly and compiled, generates with
     and without MTP (greedy output must be identical)."""
     import time
-    from nemotron import _triton
 
-    dev = torch.device("cuda" if not _triton.interpreting() else "cpu")
+    dev = torch.device("cuda" if not dispatch.interpreting() else "cpu")
     cfg, model = _tiny(dev)
     ids = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(dev)
     print(f"tiny Nemotron-H: pattern {cfg.hybrid_override_pattern} + an MTP block, hidden {cfg.hidden_size}, "
@@ -130,17 +182,25 @@ def _demo_model(compile_model: bool) -> bool:
     return ok
 
 
+def _kernel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=_int_at_least(1), default=None,
+                   help="rows of the test tensor (default 8192 on GPU, 96 on CPU)")
+    p.add_argument("--cols", type=_multiple_of_16, default=None,
+                   help="K, the quantized (block) dimension: a multiple of 16 (default 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="data and stochastic-rounding seed")
+
+
 def kernels_demo(argv=None) -> int:
+    p = _Parser(prog="nemotron demo", description="Every kernel against its reference.")
+    _kernel_options(p)
+    return _kernels(p.parse_args(argv))
+
+
+def _kernels(a: argparse.Namespace) -> int:
     from nemotron.nvfp4 import reference as ref
     from nemotron.nvfp4.triton import quantize as kernels
-    from nemotron import _triton
 
-    p = argparse.ArgumentParser(prog="nemotron demo", description="Every kernel against its reference.")
-    p.add_argument("--rows", type=int, default=None, help="rows of the test tensor (default 8192 on GPU, 96 on CPU)")
-    p.add_argument("--cols", type=int, default=None, help="K, a multiple of 16 (default 4096 on GPU, 1024 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    gpu = not _triton.interpreting()
+    gpu = not dispatch.interpreting()
     dev = torch.device("cuda" if gpu else "cpu")
     rows, cols = a.rows or (8192 if gpu else 96), a.cols or (4096 if gpu else 1024)
 
@@ -238,7 +298,7 @@ def _demo_moe(gpu: bool) -> bool:
     for label, (wu, wd) in (("bf16", (up.bfloat16(), down.bfloat16())),
                             ("NVFP4", (mk.quantize_experts(up), mk.quantize_experts(down)))):
         args = [a.to(dev) for a in (x, w, ids, wu, wd)]
-        with mock.patch.dict(os.environ, {"NEMOTRON_KERNELS": "triton"}):
+        with dispatch.use("triton"):
             got = mk.experts(*args).cpu()
         want = ref.experts_reference(x, w, ids, wu, wd)
         close = bool(((got.double() - want.double()).abs() <= ref.experts_tolerance(x, w, ids, wu, wd, want)).all())
@@ -254,14 +314,14 @@ def _demo_moe(gpu: bool) -> bool:
 
 
 def generate_cmd(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="nemotron generate", description="Generate from a nemotron_h checkpoint.")
+    p = _Parser(prog="nemotron generate", description="Generate from a nemotron_h checkpoint.")
     p.add_argument("--model", required=True, help="checkpoint directory (HF or ModelOpt)")
-    p.add_argument("--ids", default=None, help="comma-separated prompt token ids")
+    p.add_argument("--ids", type=_token_ids, default=None, help="comma-separated prompt token ids")
     p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json in the model directory)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--mtp", type=int, default=0, help="draft tokens per step with the MTP block")
+    p.add_argument("--mtp", type=_int_at_least(0), default=0, help="draft tokens per step with the MTP block")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     from nemotron.model import NemotronHForCausalLM
@@ -279,7 +339,7 @@ def generate_cmd(argv=None) -> int:
         tok = Tokenizer.from_file(path)
         ids = tok.encode(a.prompt).ids
     else:
-        ids = [int(t) for t in a.ids.split(",") if t.strip()]
+        ids = a.ids
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens=a.max_new_tokens,
@@ -293,22 +353,29 @@ def generate_cmd(argv=None) -> int:
 
 
 def quantize_cmd(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="nemotron quantize", description="BF16 HF checkpoint -> ModelOpt-format checkpoint.")
+    p = _Parser(prog="nemotron quantize", description="BF16 HF checkpoint -> ModelOpt-format checkpoint.")
     p.add_argument("--model", required=True)
     p.add_argument("--recipe", default="nvfp4-experts",
                    help="nvfp4 | nvfp4-experts | a JSON file mapping module names to nvfp4 / fp8 / keep")
     p.add_argument("--out", required=True)
     p.add_argument("--exclude", default="lm_head,mtp.*", help="comma-separated module patterns kept in BF16")
-    p.add_argument("--input-scale", type=float, default=None,
+    p.add_argument("--input-scale", type=_positive_finite, default=None,
                    help="a static activation decode scale for W4A4 (ModelOpt's input_scale; from calibration); "
                         "without it the export is weight-only (W4A16)")
     a = p.parse_args(argv)
     from nemotron.model import NemotronHForCausalLM
+    if os.path.realpath(a.out) == os.path.realpath(a.model):
+        p.error(f"--out: {a.out} is the --model directory; write the quantized checkpoint to a new one")
     recipe = a.recipe
     if recipe.endswith(".json"):
-        import json
-        with open(recipe) as f:
-            recipe = json.load(f)
+        try:
+            with open(recipe, encoding="utf-8") as f:
+                recipe = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            p.error(f"--recipe: {recipe} is not valid JSON ({err})")
+        if not isinstance(recipe, dict):
+            p.error(f"--recipe: {a.recipe} must hold a JSON object {{module name: format}}, "
+                    f"got {type(recipe).__name__}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
     nemotron.quantize_(model, recipe, exclude=[e for e in a.exclude.split(",") if e])
@@ -329,7 +396,12 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in commands:
         print(f"usage: nemotron {{{','.join(commands)}}} [options]   (see nemotron <command> --help)", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    try:
+        return commands[argv[0]](argv[1:])
+    except (ValueError, TypeError, OSError) as err:
+        # user errors: arguments, files, checkpoints (CheckpointError is a ValueError); one line
+        print(f"nemotron {argv[0]}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -7,37 +7,93 @@ ModelOpt layout (architecture notes section 7): an NVFP4 linear ``X`` is ``X.wei
 ``X.input_scale``. The quantization config is ``hf_quant_config.json`` (``{"quantization":
 {"quant_algo", "exclude_modules", ...}}``) or ``quantization_config`` in config.json (with a
 ``quantized_layers`` map for MIXED_PRECISION); routed experts are listed per expert.
+
+Saving never edits a checkpoint in place. :func:`save_pretrained` writes the whole new checkpoint
+into a fresh ``<dir>.tmp-XXXXXXXX`` beside the target, syncs it, then renames the old directory to
+``<dir>.old-XXXXXXXX``, renames the new one in and deletes the old one. Any error before the swap
+(a full disk, an interrupt) removes the temporary directory and leaves the old checkpoint as it
+was; only a crash between the two renames leaves the old checkpoint under its ``.old-`` name. The
+writer owns ``config.json``, ``hf_quant_config.json``, ``*.safetensors`` and
+``*.safetensors.index.json``: a new save drops every old file of those names (no stale shard, index
+or quantization config survives) and carries every other entry over unchanged (tokenizer files,
+README, generation_config.json, subdirectories), hard-linked where the filesystem allows.
+
+Loading checks what it reads: every file error is a :class:`CheckpointError` naming the file; index
+entries must name ``.safetensors`` files inside the directory; a tensor may come from one file only;
+each tensor's dtype must fit its slot in the model (see :func:`_check_dtypes`).
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
+import pathlib
+import secrets
+import shutil
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..moe_kernels.layer import MoEExperts
-from ..nvfp4.linear import FP8Linear, NVFP4Linear, quantize_
+from ..nvfp4.linear import FP8Linear, NVFP4Linear
+from ..quantize import quantize_
 from .config import NemotronHConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX = "model.safetensors.index.json"
+QUANT_CONFIG = "hf_quant_config.json"
+_SCALARS = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used as it is; the message names the file and the fault."""
+
+
+def _read_json(file: str):
+    """The parsed JSON file; a file that is not UTF-8 JSON is a CheckpointError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{file}: not UTF-8 JSON text (byte {err.start}: {err.reason})") from None
+
+
+def _read_safetensors(file: str) -> dict:
+    """The tensors of one safetensors file; a truncated, empty or garbled file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(file)
+    except SafetensorError as err:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
 
 
 # ---- quantization config ----------------------------------------------------------------------
 
+def _quant_config(path: str, config_dict: dict) -> tuple[Optional[dict], str]:
+    """(the quantization config or None, the file it came from)."""
+    file = os.path.join(path, QUANT_CONFIG)
+    if os.path.exists(file):
+        d = _read_json(file)
+        q = d.get("quantization") if isinstance(d, dict) else None
+        if not isinstance(q, dict):
+            raise CheckpointError(f"{file}: expected {{\"quantization\": {{\"quant_algo\": ...}}}}, got "
+                                  f"{json.dumps(d)[:80]}")
+        return q, file
+    q = config_dict.get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: quantization_config must be an object, "
+                              f"got {type(q).__name__}")
+    return q, os.path.join(path, "config.json")
+
+
 def read_quant_config(path: str, config_dict: dict) -> Optional[dict]:
     """The ModelOpt quantization config of a checkpoint directory, or None for a plain checkpoint."""
-    q = None
-    file = os.path.join(path, "hf_quant_config.json")
-    if os.path.exists(file):
-        with open(file) as f:
-            q = json.load(f).get("quantization")
-    if q is None and "quantization_config" in config_dict:
-        q = config_dict["quantization_config"]
-    return q
+    return _quant_config(path, config_dict)[0]
 
 
 def recipe_from_quant_config(q: dict, model: nn.Module) -> dict:
@@ -56,7 +112,10 @@ def recipe_from_quant_config(q: dict, model: nn.Module) -> dict:
         return recipe
     if algo not in ("NVFP4", "FP8"):
         raise ValueError(f"quantization config: unknown quant_algo {algo!r} (expected NVFP4, FP8 or MIXED_PRECISION)")
-    exclude = list(q.get("exclude_modules") or q.get("ignore") or [])
+    exclude = q.get("exclude_modules") or q.get("ignore") or []
+    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+        raise ValueError(f"quantization config: exclude_modules must be a list of module names or patterns, "
+                         f"got {exclude!r}")
     skip = lambda n: any(n == p or fnmatch.fnmatchcase(n, p) for p in exclude)  # noqa: E731
     recipe = {}
     for name, mod in model.named_modules():
@@ -168,59 +227,156 @@ def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recip
         _init_random(unit, config, gen, device)
         sub = _sub_recipe(recipe, prefix)
         if sub:
-            quantize_(unit, sub)
+            new = quantize_(unit, sub)
+            if new is not unit:             # the unit is itself a linear (lm_head): swap it in its parent
+                parent, _, child = prefix.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
     return model.eval()
 
 
 # ---- loading ------------------------------------------------------------------------------------
 
+def _shard_name(index: str, name) -> str:
+    """An index entry, refused unless it names a ``.safetensors`` file inside the checkpoint."""
+    p = pathlib.PurePath(name) if isinstance(name, str) else None
+    if p is None or p.is_absolute() or p.anchor or ".." in p.parts or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: weight_map entry {name!r} is not a .safetensors file inside the "
+                              "checkpoint directory")
+    return name
+
+
 def _read_tensors(path: str, progress: bool) -> dict:
-    from safetensors.torch import load_file
+    """All tensors of a checkpoint directory. With an index, exactly the tensors it maps, each from
+    the file it names; without one, the ``*.safetensors`` files, each tensor in one file only."""
     index = os.path.join(path, INDEX)
+    weight_map = None
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        d = _read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: file name}}}}")
+        files = sorted({_shard_name(index, v) for v in weight_map.values()})
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise CheckpointError(f"{index}: lists {name}, which is not in {path}")
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"path: no *.safetensors and no {INDEX} in {path}")
-    tensors = {}
-    for i, name in enumerate(files):
+    tensors, origin = {}, {}
+    try:
+        for i, name in enumerate(files):
+            if progress:
+                print(f"\rloading {name} ({i + 1}/{len(files)})", end="", flush=True)
+            part = _read_safetensors(os.path.join(path, name))
+            for k in part:
+                if k in origin:
+                    raise CheckpointError(f"{path}: tensor {k} is in both {origin[k]} and {name}")
+                if weight_map is not None and weight_map.get(k) != name:
+                    raise CheckpointError(f"{index}: {name} holds {k}, which the index maps to "
+                                          f"{weight_map.get(k) or 'no file'}")
+                origin[k] = name
+            tensors.update(part)
+    finally:
         if progress:
-            print(f"\rloading {name} ({i + 1}/{len(files)})", end="", flush=True)
-        tensors.update(load_file(os.path.join(path, name)))
-    if progress:
-        print()
+            print()
+    absent = [k for k in weight_map or {} if k not in origin]
+    if absent:
+        raise CheckpointError(f"{index}: {len(absent)} tensor(s) are not in the files it names, e.g. "
+                              f"{[(k, weight_map[k]) for k in absent[:3]]}")
     return tensors
 
 
-def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"path: {path} is not a checkpoint directory")
-    with open(os.path.join(path, "config.json")) as f:
-        config_dict = json.load(f)
-    config = NemotronHConfig.from_dict(config_dict)
-    device = torch.device(device or "cpu")
-    dtype = dtype or _DTYPES.get(config.dtype, torch.bfloat16)
-    model = _skeleton(cls, config, device, dtype)
-    q = read_quant_config(path, config_dict)
-    if q is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.zero_()
-        _apply_recipe(model, recipe_from_quant_config(q, model))
-    tensors = _read_tensors(path, progress)
+def _fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _check_dtypes(model: nn.Module, tensors: dict, source: str) -> None:
+    """Each tensor's dtype against its slot in ``model``, before anything is copied (a copy would
+    cast silently). A float slot takes any float tensor but not an integer, bool or fp8 one; an
+    integer slot (NVFP4 codes) and an fp8 slot (block scales, FP8 weights) take exactly their dtype.
+    The one fp8-into-float case is a routed expert's weight, which ModelOpt FP8 exports store as
+    fp8 with a ``weight_scale``, dequantized on load. Scales outside the model's slots (an
+    ``input_scale`` the file adds, an FP8 expert's ``weight_scale``) must be non-fp8 floats."""
+    slots = {k: v.dtype for k, v in model.state_dict().items()}
+    fp8_ok = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoEExperts) and mod.quant is None:
+            for p in ("up_proj", "down_proj"):
+                slots[f"{name}.{p}"] = getattr(mod, p).dtype           # HF's stacked layout
+                fp8_ok |= {f"{name}.{mod.first + e}.{p}.weight" for e in range(mod.num_experts)}
+    bad = []
+    for k, t in tensors.items():
+        want = slots.get(k)
+        if want is None:
+            if k.rsplit(".", 1)[-1] in _SCALARS and (not t.is_floating_point() or _fp8(t.dtype)):
+                bad.append(f"{k}: expected a float scale (float32, bfloat16 or float16), got {t.dtype}")
+        elif want.is_floating_point and not _fp8(want):
+            if not t.is_floating_point() or (_fp8(t.dtype) and k not in fp8_ok):
+                bad.append(f"{k}: expected a float tensor (float32, bfloat16 or float16), got {t.dtype}")
+        elif t.dtype != want:
+            bad.append(f"{k}: expected {want}, got {t.dtype}")
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) of the wrong dtype: " + "; ".join(bad[:5]))
+
+
+def _drop_absent_mtp(model: nn.Module, keys, source: str) -> None:
+    """A config with MTP whose weights hold none of it (HF transformers saves no ``mtp.*``): the
+    model loads without its MTP block, and says so."""
+    if model.mtp is None or any(k.startswith("mtp.") for k in keys):
+        return
+    warnings.warn(f"{source}: the config has num_nextn_predict_layers = {model.config.num_nextn_predict_layers} "
+                  "but the weights hold no mtp.* tensors; loading without MTP (no draft tokens)", stacklevel=5)
+    model.mtp = None
+    model.config.num_nextn_predict_layers = 0
+
+
+def _load(model: nn.Module, tensors: dict, source: str) -> None:
+    """Load ``tensors`` into ``model`` (the checkpoint's names); every mismatch is a CheckpointError."""
+    _drop_absent_mtp(model, tensors, source)
     if model.mtp is None:                   # a checkpoint may carry MTP weights the config turns off
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
-    with torch.no_grad():
-        result = model.load_state_dict(tensors, strict=False)
+    _check_dtypes(model, tensors, source)
+    try:
+        with torch.no_grad():
+            result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:             # shapes: load_state_dict gathers them into one error
+        raise CheckpointError(f"{source}: {' '.join(str(err).split())}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {len(result.missing_keys)} tensor(s), e.g. {result.missing_keys[:5]}")
     if result.unexpected_keys:
         problems.append(f"unexpected {len(result.unexpected_keys)} tensor(s), e.g. {result.unexpected_keys[:5]}")
     if problems:
-        raise ValueError(f"checkpoint {path}: " + "; ".join(problems))
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: {path} is not a checkpoint directory")
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"path: no config.json in {path}")
+    config_dict = _read_json(file)
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config_dict).__name__}")
+    try:
+        config = NemotronHConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    device = torch.device(device or "cpu")
+    dtype = dtype or _DTYPES.get(config.dtype, torch.bfloat16)
+    model = _skeleton(cls, config, device, dtype)
+    q, q_file = _quant_config(path, config_dict)
+    if q is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        try:
+            _apply_recipe(model, recipe_from_quant_config(q, model))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{q_file}: {err}") from None
+    _load(model, _read_tensors(path, progress), f"checkpoint {path}")
     _activation_modes(model)
     return model.eval()
 
@@ -228,7 +384,7 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
 def from_hf(cls, hf_model, *, device=None, dtype=None):
     """This package's model holding the weights of an HF transformers ``NemotronHForCausalLM`` (one
     call, no files): the HF config becomes ours, HF's in-memory names (``model.*``, stacked experts)
-    map to the checkpoint names."""
+    map to the checkpoint names. HF's module has no MTP block: the model comes without one."""
     config = NemotronHConfig.from_dict(hf_model.config.to_dict())
     ref = next(hf_model.parameters())
     device = torch.device(device or ref.device)
@@ -236,28 +392,24 @@ def from_hf(cls, hf_model, *, device=None, dtype=None):
     model = _skeleton(cls, config, device, dtype)
     sd = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v
           for k, v in hf_model.state_dict().items()}
-    if model.mtp is None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("mtp.")}
-    with torch.no_grad():
-        result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("mtp.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"hf_model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    if model.mtp is not None and any(k.startswith("mtp.") for k in result.missing_keys):
-        model.mtp = None            # HF's module holds no MTP weights: drafting is unavailable
+    _load(model, sd, "hf_model")
     return model.eval()
 
 
 # ---- saving -------------------------------------------------------------------------------------
 
-def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
+def _owned(name: str) -> bool:
+    """The files :func:`save_pretrained` writes: an old one of these names never survives a save."""
+    return name in ("config.json", QUANT_CONFIG) or name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def _write(model, path: str, max_shard_bytes: Optional[int]) -> None:
     from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
     q = quant_config_of(model)
     extra = {"dtype": str(model.dtype).replace("torch.", "")}
     if q is not None:
         extra["quantization_config"] = q
-        with open(os.path.join(path, "hf_quant_config.json"), "w") as f:
+        with open(os.path.join(path, QUANT_CONFIG), "w") as f:
             json.dump({"producer": q["producer"], "quantization": {k: v for k, v in q.items() if k != "producer"}},
                       f, indent=2)
     model.config.save_pretrained(path, extra=extra)
@@ -281,3 +433,87 @@ def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) 
     total = sum(v.numel() * v.element_size() for v in sd.values())
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Entries of ``old`` the writer does not own, into ``new`` (hard links where possible)."""
+    for entry in os.scandir(old):
+        if _owned(entry.name):
+            continue
+        dst = os.path.join(new, entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync(path: str, *, directory: bool = False) -> None:
+    """Flush a file or directory to disk, so the renames publish complete files."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:                         # some filesystems cannot sync a directory
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fresh_dir(target: str) -> str:
+    """A new empty directory ``<target>.tmp-XXXXXXXX`` (made by os.mkdir, so the umask applies)."""
+    while True:
+        name = f"{target}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(name)
+            return name
+        except FileExistsError:
+            continue
+
+
+def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
+    """Write the checkpoint into a fresh directory beside ``path`` and swap it in (module docstring)."""
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes: expected a positive byte count or None, got {max_shard_bytes}")
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"path: {path} exists and is not a directory")
+    cwd = os.path.realpath(os.getcwd())
+    if os.path.commonpath([target, cwd]) == target:
+        raise ValueError(f"path: {path} holds the working directory, which a save replaces; save elsewhere")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _fresh_dir(target)
+    try:
+        if os.path.isdir(target):
+            shutil.copymode(target, tmp)
+            _carry_over(target, tmp)
+        _write(model, tmp, max_shard_bytes)
+        for root, dirs, files in os.walk(tmp):
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    _fsync(os.path.join(root, f))
+            _fsync(root, directory=True)
+        if not os.path.isdir(target):
+            os.rename(tmp, target)
+        else:
+            old = f"{target}.old-{secrets.token_hex(4)}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
