@@ -156,6 +156,10 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
         scaling_factor: multiply the weights (``routed_scaling_factor``, 5.0 in Super).
 
     Returns ``(weights fp32 [T, k], ids int32 [T, k])``, ids in decreasing biased-score order.
+    A NaN logit (or a NaN bias entry) makes that expert never selected for that token (its score
+    ranks last; if it must fill a slot its weight is 0), so a token's weights stay finite; nothing
+    raises (on CUDA a check would cost a host sync). ``scaling_factor`` must be finite, ``top_k``,
+    ``n_group`` and ``topk_group`` ints (not bools), ``renormalize`` a bool.
 
     Example::
 

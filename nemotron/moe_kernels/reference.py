@@ -27,10 +27,19 @@ ACTIVATIONS = ("relu2",)
 def route_reference(logits: torch.Tensor, *, top_k: int, correction_bias: torch.Tensor | None = None,
                     n_group: int = 1, topk_group: int = 1, renormalize: bool = True,
                     scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights fp32 [T, k], ids int32 [T, k]) from router logits [T, E]; ids ordered by biased score."""
+    """(weights fp32 [T, k], ids int32 [T, k]) from router logits [T, E]; ids ordered by biased score.
+
+    A NaN logit means "never selected": its expert's score is 0 (sigmoid(-inf)) and its biased score
+    -inf, so it ranks below every finite one and, if picked at all (fewer than k finite logits), has
+    weight 0; the token's weights stay finite. A NaN biased score (a NaN bias) ranks last the same way.
+    No error is raised: it would need a host sync mid-batch on CUDA.
+    """
     t, e = logits.shape
-    scores = logits.float().sigmoid()
+    lg = logits.float()
+    nan = torch.isnan(lg)
+    scores = torch.where(nan, torch.zeros_like(lg), lg.sigmoid())
     choice = scores if correction_bias is None else scores + correction_bias.float()
+    choice = torch.where(nan | torch.isnan(choice), torch.full_like(choice, float("-inf")), choice)
     if n_group > 1:
         group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(-1)    # [T, G]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
@@ -132,5 +141,6 @@ def experts_tolerance(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         bound[rows] = ((a_dn @ dr2.T).T + gam(n_dn) * (relu2(h_abs) @ a_dn.T)) * flat_w[rows, None]
         slot_abs[rows] = (relu2(h_abs) @ a_dn.T) * flat_w[rows, None]
     # the fp32 combine of k slots (same order in both) and the two final roundings to x's dtype
-    out_abs = (bound + slot_abs * 2 * u32).view(t, k, -1).sum(1) + slot_abs.view(t, k, -1).sum(1) * gam(k)
+    hdim = bound.shape[1]
+    out_abs = (bound + slot_abs * 2 * u32).view(t, k, hdim).sum(1) + slot_abs.view(t, k, hdim).sum(1) * gam(k)
     return out_abs + want.double().abs() * u_x * 2

@@ -85,11 +85,15 @@ def hadamard_reference(x: torch.Tensor, *, inverse: bool = False) -> torch.Tenso
     return v.reshape(x.shape).to(x.dtype)
 
 
+def _amax(a: torch.Tensor) -> torch.Tensor:
+    """``a.amax()`` as a 0-dim tensor, 0 for an empty tensor (an empty batch is valid input)."""
+    return a.amax() if a.numel() else a.new_zeros(())
+
+
 def global_amax_reference(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the finite elements, fp32 0-dim (0 when there are none)."""
     a = x.float().abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    return a.amax() if a.numel() else torch.zeros((), device=x.device)
+    return _amax(torch.where(torch.isfinite(a), a, torch.zeros_like(a)))
 
 
 def global_scales(amax: torch.Tensor | None, global_scale: torch.Tensor | None):
@@ -283,8 +287,9 @@ FP8_MAX = 448.0
 
 
 def fp8_scale(t: torch.Tensor) -> torch.Tensor:
-    """Per-tensor FP8 decode scale ``amax(|t|) / 448`` (fp32, floored at the smallest normal), on t's device."""
-    return (t.float().abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    """Per-tensor FP8 decode scale ``amax(|t|) / 448`` (fp32, floored at the smallest normal; an empty t
+    has amax 0), on t's device."""
+    return (_amax(t.float().abs()) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def fp8_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

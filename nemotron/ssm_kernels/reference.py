@@ -10,6 +10,17 @@ SSD (state-space duality, Mamba-2), per head and token t:
 The sequential recurrence (:func:`ssd_recurrence`) is the definition; :func:`ssd_chunked` is the
 chunked algorithm of the Mamba-2 paper (Listing 1) that the kernel decomposes the same way, with
 every exp of a cumsum difference clamped to <= 0.
+
+Extreme decays (:func:`log_decay`): the per-token log decay dt_t * A is floored at LOG_DECAY_MIN
+(exp(-128) is 0 in fp32 and < 1e-55 in fp64, so no finite result moves), and A = -inf is read as
+-FLT_MAX, so dt = 0 is no step (decay 1). A = -inf, A = -3e38, dt = inf (A < 0) or an fp32
+overflow of dt * A thus decay by ~0 as the limit says, and the fp32 cumsums stay finite (no
+-inf - -inf = NaN).
+
+Non-finite inputs are causal: a NaN / inf in x, dt, B, C or z at token t (of one sequence) leaves
+every output before t, and every other sequence, exactly as without it. From t on the outputs it
+reaches through the state are non-finite (NaN where the chunked forms cannot tell inf from NaN).
+Masks therefore select with ``where`` after a product, never multiply by 0 (0 * NaN = NaN).
 """
 from __future__ import annotations
 
@@ -17,6 +28,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+FLT_MAX = torch.finfo(torch.float32).max
+LOG_DECAY_MIN = -128.0     # floor of dt * A (natural log units)
 
 
 def process_dt(dt: torch.Tensor, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, math.inf)) -> torch.Tensor:
@@ -29,6 +43,12 @@ def process_dt(dt: torch.Tensor, dt_bias=None, dt_softplus: bool = False, dt_lim
     if lo > 0.0 or hi < math.inf:
         dt = dt.clamp(min=lo, max=hi)
     return dt
+
+
+def log_decay(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """max(dt * max(A, -FLT_MAX), LOG_DECAY_MIN), elementwise: the log of a token's state decay.
+    NaN stays NaN (torch.clamp propagates it)."""
+    return torch.clamp(dt * torch.clamp(A, min=-FLT_MAX), min=LOG_DECAY_MIN)
 
 
 def _seq_bounds(t: int, cu_seqlens) -> list:
@@ -61,14 +81,14 @@ def _ssd_per_sequence(one, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Bh, Ch = _expand_groups(B, h), _expand_groups(C, h)
     y = torch.zeros_like(x)
-    finals = []
+    bounds = _seq_bounds(t, cu_seqlens)
+    finals = x.new_zeros(len(bounds) if cu_seqlens is not None else b, h, p, n)
     for bi in range(b):
-        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
+        for si, (s0, s1) in enumerate(bounds):
             idx = si if cu_seqlens is not None else bi
             init = initial_states[idx].to(dtype) if initial_states is not None else x.new_zeros(h, p, n)
-            y[bi, s0:s1], final = one(x[bi, s0:s1], dt[bi, s0:s1], A, Bh[bi, s0:s1], Ch[bi, s0:s1], init)
-            finals.append(final)
-    return _gate(y, x, D, z), torch.stack(finals)
+            y[bi, s0:s1], finals[idx] = one(x[bi, s0:s1], dt[bi, s0:s1], A, Bh[bi, s0:s1], Ch[bi, s0:s1], init)
+    return _gate(y, x, D, z), finals
 
 
 def _recurrence_one(x, dt, A, B, C, s):
@@ -76,7 +96,7 @@ def _recurrence_one(x, dt, A, B, C, s):
     y = torch.zeros_like(x)
     for ti in range(x.shape[0]):
         d = dt[ti]                                                                   # [H]
-        s = torch.exp(d * A)[:, None, None] * s + (d[:, None] * x[ti])[:, :, None] * B[ti][:, None, :]
+        s = torch.exp(log_decay(d, A))[:, None, None] * s + (d[:, None] * x[ti])[:, :, None] * B[ti][:, None, :]
         y[ti] = torch.einsum("hpn,hn->hp", s, C[ti])
     return y, s
 
@@ -97,26 +117,42 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device)), -math.inf)
 
 
+def _causal_matmul(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out[c, l, h, p] = sum_{s <= l} w[h, c, l, s] v[c, s, h, p], w already 0 for s > l.
+
+    A matmul would let a non-finite v[s] reach the rows l < s as 0 * NaN, so v enters with its
+    non-finite entries zeroed and each column (h, p) is set to NaN from its first non-finite row on
+    (where the recurrence is non-finite too); the kernel does the same."""
+    bad = ~torch.isfinite(v)
+    out = torch.einsum("hcls,cshp->clhp", w, torch.where(bad, torch.zeros_like(v), v))
+    return torch.where(torch.cumsum(bad, dim=1) > 0, torch.full_like(out, math.nan), out)
+
+
 def _ssd_chunked_one(x, dt, A, B, C, chunk_size, s0):
     """One sequence: x [T,H,P], dt [T,H] (processed), B/C [T,H,N] (per head), s0 [H,P,N]."""
     t, h, p = x.shape
+    n = B.shape[-1]
     q = chunk_size
     pad = (-t) % q
     if pad:  # zero dt/x past the end: no decay, no input
         x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 1) + (0, pad)) for v in (x, dt, B, C))
     c = x.shape[0] // q
     xd = (x * dt[..., None]).reshape(c, q, h, p)
-    a = (dt * A).reshape(c, q, h).permute(2, 0, 1)                                   # [H, c, Q]
-    Bc, Cc = B.reshape(c, q, h, -1), C.reshape(c, q, h, -1)
+    a = log_decay(dt, A).reshape(c, q, h).permute(2, 0, 1)                           # [H, c, Q]
+    Bc, Cc = B.reshape(c, q, h, n), C.reshape(c, q, h, n)
     cs = torch.cumsum(a, dim=-1)
-    L = torch.exp(_segsum(a))                                                        # [H, c, Q, Q]
-    y_diag = torch.einsum("clhn,cshn,hcls,cshp->clhp", Cc, Bc, L, xd)
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
+    # masked after the C B^T product: a non-finite B_s fills column s, which rows l < s must not see
+    cb = torch.einsum("clhn,cshn->hcls", Cc, Bc) * torch.exp(_segsum(a))             # [H, c, Q, Q]
+    y_diag = _causal_matmul(torch.where(causal, cb, torch.zeros_like(cb)), xd)
     decay_states = torch.exp(torch.clamp(cs[..., -1:] - cs, max=0))                  # [H, c, Q]
-    states = torch.einsum("clhn,hcl,clhp->chpn", Bc, decay_states, xd)
-    states = torch.cat([s0[None], states], 0)                                        # [c+1, H, P, N]
-    decay_chunk = torch.exp(_segsum(F.pad(cs[..., -1], (1, 0))))                     # [H, c+1, c+1]
-    new = torch.einsum("hzc,chpn->zhpn", decay_chunk, states)
-    y_off = torch.einsum("clhn,chpn,hcl->clhp", Cc, new[:-1], torch.exp(cs))
+    states = torch.einsum("clhn,hcl,clhp->chpn", Bc, decay_states, xd)               # each chunk's own input
+    # chunk to chunk in order: a weighted sum over all chunk states would add the later ones as 0 * NaN
+    new = [s0]                                                                       # state before chunk i
+    for i in range(c):
+        new.append(torch.exp(torch.clamp(cs[:, i, -1], max=0))[:, None, None] * new[-1] + states[i])
+    before = torch.stack(new[:-1]) if c else s0.new_zeros(0, h, p, n)
+    y_off = torch.einsum("clhn,chpn,hcl->clhp", Cc, before, torch.exp(torch.clamp(cs, max=0)))
     return (y_diag + y_off).reshape(c * q, h, p)[:t], new[-1]
 
 
@@ -141,18 +177,19 @@ def causal_conv1d_reference(x, weight, bias=None, *, activation=None, initial_st
     w = weight.shape[1]
     xs, wt = x.to(dtype), weight.to(dtype)
     y = torch.zeros_like(xs)
-    finals = []
+    bounds = _seq_bounds(t, cu_seqlens)
+    finals = xs.new_zeros(len(bounds) if cu_seqlens is not None else b, w - 1, d)
     for bi in range(b):
-        for si, (s0, s1) in enumerate(_seq_bounds(t, cu_seqlens)):
+        for si, (s0, s1) in enumerate(bounds):
             idx = si if cu_seqlens is not None else bi
             hist = initial_states[idx].to(dtype) if initial_states is not None else xs.new_zeros(w - 1, d)
             seq = torch.cat([hist, xs[bi, s0:s1]], 0)                                   # [W-1+L, D]
             for k in range(w):                                                          # tap k sees x[t - (W-1) + k]
                 y[bi, s0:s1] += seq[k:k + s1 - s0] * wt[:, k]
-            finals.append(seq[seq.shape[0] - (w - 1):])
+            finals[idx] = seq[seq.shape[0] - (w - 1):]
     if bias is not None:
         y = y + bias.to(dtype)
-    return _act(y, activation), torch.stack(finals)
+    return _act(y, activation), finals
 
 
 def causal_conv1d_update_reference(x, conv_state, weight, bias=None, *, activation=None, dtype=torch.float64):
@@ -189,7 +226,7 @@ def selective_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, d
         if row < 0:
             continue
         d = dts[bi][..., None]                                                       # [H, P, 1]
-        new[row] = torch.exp(d * a) * new[row] + d * xs[bi][..., None] * Bh[bi][:, None, :]
+        new[row] = torch.exp(log_decay(d, a)) * new[row] + d * xs[bi][..., None] * Bh[bi][:, None, :]
         y[bi] = torch.einsum("hpn,hn->hp", new[row], Ch[bi])
     Dd = None if D is None else D.to(dtype)
     y = _gate(y, xs, Dd, None if z is None else z.to(dtype))

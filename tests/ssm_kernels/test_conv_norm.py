@@ -122,7 +122,7 @@ def test_opchecks():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: ssm.causal_conv1d(torch.randn(2, 5), torch.randn(5, 4)), "x: expected"),
-    (lambda: ssm.causal_conv1d(torch.randn(2, 5, 8), torch.randn(8, 5)), "width"),
+    (lambda: ssm.causal_conv1d(torch.randn(2, 5, 8), torch.randn(8, 33)), "width"),
     (lambda: ssm.causal_conv1d(torch.randn(2, 5, 8), torch.randn(8, 4), activation="relu"), "activation"),
     (lambda: ssm.causal_conv1d(torch.randn(2, 5, 8), torch.randn(8, 4), initial_states=torch.randn(2, 4, 8)), "initial_states"),
     (lambda: ssm.causal_conv1d_update(torch.randn(2, 8), torch.randn(2, 3, 8).half(), torch.randn(8, 4)), "conv_state"),

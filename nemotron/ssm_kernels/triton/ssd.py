@@ -6,8 +6,14 @@ y = (CB * exp2(min(cs_i - cs_j, 0)) * dt_j, causal) @ x + (C @ state^T) * exp2(c
 state = state * exp2(cs_last) + (x * dt * exp2(min(cs_last - cs, 0)))^T @ B. Nothing but x, dt,
 B, C (and z) is read and y written, so HBM traffic is the compulsory one; there are no per-chunk
 state, CB or cumsum tensors. Varlen: each program's chunks start at its own sequence start, so a
-boundary inside a global chunk needs no masking. Every exponent is clamped to <= 0 (finite output
-for any dt >= 0 and A <= 0).
+boundary inside a global chunk needs no masking. Every exponent is clamped to <= 0 and the per-token
+log decay dt * A floored as in ``reference.log_decay`` (finite output for any dt >= 0 and A <= 0,
+A = -inf included).
+
+Causality with non-finite inputs (see reference.py): masks select with ``tl.where`` after the
+product they mask (CB is masked after the dot: a NaN in B row s fills column s), and x enters the
+intra-chunk dot with its non-finite entries zeroed, each column set to NaN from its first
+non-finite row on, so a NaN / inf at token t never reaches an earlier token as 0 * NaN.
 """
 from __future__ import annotations
 
@@ -18,8 +24,13 @@ import triton
 import triton.language as tl
 
 from ...dispatch import interpreting
+from ..reference import FLT_MAX, LOG_DECAY_MIN
 
 LOG2E = tl.constexpr(1.4426950408889634)   # kernels may read only constexpr globals
+A_MIN = tl.constexpr(-FLT_MAX)              # A * log2(e) of A = -inf: finite, so a zero dt is no step
+LOG2_DECAY_MIN = tl.constexpr(LOG_DECAY_MIN * 1.4426950408889634)
+INF = tl.constexpr(math.inf)
+NAN = tl.constexpr(math.nan)
 
 
 @triton.jit
@@ -53,6 +64,7 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s
     m_p, m_n = o_p < P, o_n < N
     o_q = tl.arange(0, Q)
     b_a = tl.load(a_ptr + i_h).to(tl.float32) * LOG2E                     # A in log2 units
+    b_a = tl.where(b_a < A_MIN, A_MIN, b_a)
     if HAS_DTB:
         b_dtb = tl.load(dtb_ptr + i_h).to(tl.float32)
     if HAS_D:
@@ -76,9 +88,10 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s
         if SOFTPLUS:
             b_dt = _softplus(b_dt)
         if CLAMP_DT:
-            b_dt = tl.minimum(tl.maximum(b_dt, dt_lo), dt_hi)
+            b_dt = tl.clamp(b_dt, dt_lo, dt_hi, propagate_nan=tl.PropagateNan.ALL)     # NaN stays NaN
         b_dt = tl.where(m_t, b_dt, 0.0)                                   # past the end: no decay, no input
-        b_cs = tl.cumsum(b_dt * b_a, axis=0)                              # [Q], log2 units
+        b_la = b_dt * b_a
+        b_cs = tl.cumsum(tl.where(b_la < LOG2_DECAY_MIN, LOG2_DECAY_MIN, b_la), axis=0)   # [Q], log2 units
         b_last = tl.sum(tl.where(o_q == Q - 1, b_cs, 0.0), axis=0)
 
         p_x = x_ptr + i_b * sx_b + o_t[:, None] * sx_t + i_h * sx_h + o_p[None, :]
@@ -87,7 +100,10 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s
         b_B = tl.load(b_ptr + p_bc, mask=m_t[:, None] & m_n[None, :], other=0.0)               # [Q, BN]
         p_cc = o_t[:, None] * sc_t + i_b * sc_b + i_g * sc_g + o_n[None, :]
         b_C = tl.load(c_ptr + p_cc, mask=m_t[:, None] & m_n[None, :], other=0.0)               # [Q, BN]
-        b_xd, b_Bd, b_Cd = b_x.to(DOT_DTYPE), b_B.to(DOT_DTYPE), b_C.to(DOT_DTYPE)
+        b_Bd, b_Cd = b_B.to(DOT_DTYPE), b_C.to(DOT_DTYPE)
+        m_fin = tl.abs(b_x.to(tl.float32)) < INF                                     # [Q, BP]
+        b_xd = tl.where(m_fin, b_x, 0.0).to(DOT_DTYPE)
+        b_bad = tl.min(tl.where(m_fin, Q, o_q[:, None]), axis=0)          # [BP] first non-finite row, or Q
 
         if IEEE:
             b_cb = tl.dot(b_Cd, tl.trans(b_Bd), input_precision="ieee")                       # [Q, Q]
@@ -102,6 +118,7 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, s
         else:
             b_y = tl.dot(b_w.to(DOT_DTYPE), b_xd)
             b_y += tl.dot(b_Cd, tl.trans(b_sd)) * tl.exp2(tl.minimum(b_cs, 0.0))[:, None]
+        b_y = tl.where(o_q[:, None] >= b_bad[None, :], NAN, b_y)
 
         b_wx = (b_x.to(tl.float32) * (b_dt * tl.exp2(tl.minimum(b_last - b_cs, 0.0)))[:, None]).to(DOT_DTYPE)
         if IEEE:

@@ -9,6 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import FLT_MAX, LOG_DECAY_MIN
+
+A_MIN = tl.constexpr(-FLT_MAX)                   # A = -inf: finite, so a zero dt is no step (decay 1)
+_LOG_DECAY_MIN = tl.constexpr(LOG_DECAY_MIN)     # reference.log_decay: exp underflows to 0, never NaN
+
 
 @triton.jit
 def _state_update_fwd_kernel(s_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, idx_ptr, y_ptr,
@@ -40,7 +45,10 @@ def _state_update_fwd_kernel(s_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z
         b_a = tl.load(a_ptr + i_h * sa_h + o_p[:, None] * sa_p + o_n[None, :] * sa_n, mask=m_pn, other=0.0).to(tl.float32)
         b_B = tl.load(b_ptr + i_b * sb_b + i_g * sb_g + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_C = tl.load(c_ptr + i_b * sc_b + i_g * sc_g + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_s = b_s * tl.exp(b_a * b_dt[:, None]) + (b_dt * b_x)[:, None] * b_B[None, :]
+        b_a = tl.where(b_a < A_MIN, A_MIN, b_a)
+        b_la = b_a * b_dt[:, None]
+        b_la = tl.where(b_la < _LOG_DECAY_MIN, _LOG_DECAY_MIN, b_la)
+        b_s = b_s * tl.exp(b_la) + (b_dt * b_x)[:, None] * b_B[None, :]
         tl.store(p_s, b_s.to(s_ptr.dtype.element_ty), mask=m_pn)
         b_y = tl.sum(b_s * b_C[None, :], axis=1)
         if HAS_D:
