@@ -21,7 +21,7 @@ def max_abs(t: torch.Tensor) -> float:
 
 
 def rms(t: torch.Tensor) -> float:
-    """``sqrt(mean(t^2))`` in float64 (0 for an empty tensor): the scale of a tolerance relative to the typical value."""
+    """``sqrt(mean(t^2))`` in float64 (0 for an empty tensor): the scale of a tolerance relative to a typical value."""
     return t.detach().double().pow(2).mean().sqrt().item() if t.numel() else 0.0
 
 
@@ -45,10 +45,11 @@ def _index(flat: int, shape: torch.Size) -> tuple:
 def _listing(bad: torch.Tensor, a: torch.Tensor, e: torch.Tensor, allowed: torch.Tensor | None = None) -> str:
     """The first SHOWN positions where ``bad`` is True, one per line, with actual/expected (and allowed) values."""
     lines = []
+    a, e = a.reshape(-1), e.reshape(-1)
     for i in bad.reshape(-1).nonzero().flatten()[:SHOWN].tolist():
-        line = f"  {_index(i, a.shape)}: actual={a.reshape(-1)[i].item():.6g} expected={e.reshape(-1)[i].item():.6g}"
+        line = f"  {_index(i, bad.shape)}: actual={a[i].item():.6g} expected={e[i].item():.6g}"
         if allowed is not None:
-            line += f" |diff|={(a.reshape(-1)[i] - e.reshape(-1)[i]).abs().item():.3g} allowed={allowed.reshape(-1)[i].item():.3g}"
+            line += f" |diff|={(a[i] - e[i]).abs().item():.3g} allowed={allowed.reshape(-1)[i].item():.3g}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -68,7 +69,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | 
     """
     a, e = _pair(actual, expected, what)
     a, e = a.double(), e.double()
-    atol = atol.detach().cpu().double() if isinstance(atol, torch.Tensor) else torch.tensor(float(atol), dtype=torch.float64)
+    atol = torch.as_tensor(atol.detach().cpu() if isinstance(atol, torch.Tensor) else atol, dtype=torch.float64)
     allowed = torch.broadcast_to(atol + rtol * e.abs(), a.shape)
     diff = (a - e).abs()
     ok = (diff <= allowed) | (a == e)

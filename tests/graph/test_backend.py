@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 FRESH = textwrap.dedent("""
     import sys, torch
@@ -24,18 +25,33 @@ def test_entry_point_in_a_fresh_process():
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 
-def test_unknown_option_is_a_clear_error():
-    f = torch.compile(lambda x: x + 1, backend="nemotron", options={"fusionz": []})
-    with pytest.raises(Exception, match="unknown key"):
-        f(torch.randn(4))
+@pytest.mark.parametrize("options, match", [
+    ({"fusionz": []}, "unknown key"), ({"fusions": ["magic"]}, "fusions"), ({"fusions": "noop"}, "fusions"),
+    ({"kernels": "cuda"}, "kernels"), ({"cudagraphs": "no"}, "cudagraphs"),
+])
+def test_bad_options_are_clear_errors(options, match):
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1, backend="nemotron", options=options)
+    with pytest.raises(BackendCompilerFailed, match=match) as e:       # Dynamo wraps what the backend raises
+        f(torch.randn(3))
+    assert isinstance(e.value.inner_exception, (ValueError, TypeError)), repr(e.value.inner_exception)
 
 
-def test_backend_is_not_double_registered():
-    """Importing the module must not also call register_backend (the entry point does it)."""
+FRESH_REGISTRY = textwrap.dedent("""
+    import torch
+    from torch._dynamo.backends.registry import _COMPILER_FNS, lookup_backend
     import nemotron.graph.backend as b
-    from torch._dynamo.backends.registry import _COMPILER_FNS
-    torch._dynamo.list_backends()
-    assert _COMPILER_FNS.get("nemotron") in (None, b.nemotron_backend)
+    assert "nemotron" not in _COMPILER_FNS, "importing nemotron.graph.backend registered the backend"
+    assert lookup_backend("nemotron") is b.nemotron_backend     # the entry point registers it, once
+    print("OK")
+""")
+
+
+def test_backend_is_registered_by_the_entry_point_only():
+    """Importing the module must not also call register_backend: the entry point's registration
+    would then fail with "duplicate name". A fresh process, so no earlier test has looked it up."""
+    r = subprocess.run([sys.executable, "-c", FRESH_REGISTRY], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 
 FRESH_MODEL = textwrap.dedent("""

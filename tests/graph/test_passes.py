@@ -17,6 +17,8 @@ from nemotron.moe_kernels import LatentMoE
 from nemotron.nvfp4 import NVFP4Linear
 from nemotron.ssm_kernels import gated_rmsnorm
 
+from ..close import assert_close, assert_equal, max_abs
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -82,7 +84,7 @@ def test_norm_quant_linear_fusion(dtype, gated):
     with torch.no_grad():
         want = m(x, z)
     # the fused op runs the same reference math on CPU; bf16 may differ by the norm's rounding flips
-    torch.testing.assert_close(out, want, rtol=0, atol=0 if dtype == torch.float32 else 0.05 * want.abs().max().item())
+    assert_close(out, want, atol=0 if dtype == torch.float32 else 0.05 * max_abs(want))
 
 
 @pytest.mark.parametrize("kw", [dict(static=False), dict(second_user=True)])
@@ -93,7 +95,7 @@ def test_norm_quant_fusion_declines(kw):
     out, p = _compile(m, (x, x))
     assert p.matched["norm_quant"] == 0 and p.after["nvfp4_linear"] == 1 and p.after["norm_nvfp4_linear"] == 0
     with torch.no_grad():
-        torch.testing.assert_close(out, m(x, x), rtol=1e-6, atol=1e-6)
+        assert_close(out, m(x, x), rtol=1e-6, atol=1e-6)
 
 
 def test_moe_route_fusion():
@@ -108,7 +110,7 @@ def test_moe_route_fusion():
     assert p.before["moe_route"] == 1 and p.before["moe_experts"] == 1
     assert p.after == collections.Counter({"moe_routed_experts": 1}) and p.matched["moe"] == 1
     with torch.no_grad():
-        torch.testing.assert_close(out, m(x), rtol=0, atol=0)
+        assert_equal(out, m(x))
 
 
 def test_noop_elimination():
@@ -122,7 +124,7 @@ def test_noop_elimination():
     x, z = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
     out, p = _compile(f, (x, z))
     assert p.before["aten.reshape"] == 3 and p.after["aten.reshape"] == 2 and p.matched["noop"] == 1
-    torch.testing.assert_close(out, f(x, z), rtol=0, atol=0)
+    assert_equal(out, f(x, z))
 
 
 def test_noop_pass_keeps_clones_that_matter():
@@ -132,16 +134,18 @@ def test_noop_pass_keeps_clones_that_matter():
     x = torch.randn(16, 8)
     out, p = _compile(f, (x,))
     assert p.after["aten.clone"] == p.before["aten.clone"]
-    torch.testing.assert_close(out, f(x))
+    assert_close(out, f(x), rtol=1e-6, atol=1e-6)       # fp32, the same reference op either way
 
 
 def test_lowering_reports_kernels():
     m = NormLinear(torch.float32)
     x = torch.randn(3, 64)
-    for kernels, word in ((None, "CPU tensors"), ("reference", "reference"), ("cutlass", "no CUTLASS variant")):
+    # each op row: (op, implementation, description with the reason for the choice, output shape)
+    for kernels, impl, word in ((None, "reference", "CPU tensor"), ("reference", "reference", "reference"),
+                                ("triton", "triton", "Triton")):
         torch._dynamo.reset()
         e = nemotron.graph.explain(m, (x, x), options={"kernels": kernels} if kernels else None)
-        assert e.ops and all(word in kernel for _, kernel, _ in e.ops), str(e)
+        assert e.ops and all(name == impl and word in text for _, name, text, _ in e.ops), str(e)
 
 
 def test_kernels_option_pins_the_implementation(kernel_device):
@@ -153,7 +157,7 @@ def test_kernels_option_pins_the_implementation(kernel_device):
         got = torch.compile(m, backend="nemotron", options={"kernels": "triton", "force_disable_caches": True})(x, x)
         want = m(x, x)
     assert not torch.equal(got, want)                         # another implementation ran ...
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())   # ... to the same result
+    assert_close(got, want, rtol=1e-3, atol=1e-3 * max_abs(want))   # ... to the same result (GEMM order, code flips)
 
 
 def test_pass_uuid_tracks_options_and_sources():
@@ -163,21 +167,13 @@ def test_pass_uuid_tracks_options_and_sources():
     assert len(a.uuid()[0]) >= 32                             # a hash of the package's sources
 
 
-@pytest.mark.parametrize("options, match", [({"fusions": ["magic"]}, "fusions"), ({"kernels": "cuda"}, "kernels"),
-                                            ({"fusionz": []}, "unknown key")])
-def test_bad_options(options, match):
-    torch._dynamo.reset()
-    f = torch.compile(lambda x: x + 1, backend="nemotron", options=options)
-    with pytest.raises(Exception, match=match):
-        f(torch.randn(3))
-
-
 def test_graph_without_package_ops_falls_through():
     def f(x, w):
         return torch.nn.functional.gelu(x @ w).sum(-1)
     x, w = torch.randn(6, 32), torch.randn(32, 8)
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(f, backend="nemotron")(x, w), f(x, w))
+    # fp32: Inductor fuses the gelu and reorders the sum
+    assert_close(torch.compile(f, backend="nemotron")(x, w), f(x, w), rtol=1.3e-6, atol=1e-5)
 
 
 def _tiny_model(seed=0):
@@ -204,11 +200,11 @@ def test_tiny_model_compiled_equals_eager_without_recompiles():
         for t in (11, 19):                                        # two prompt lengths, one cache size
             ids = torch.randint(3, 256, (1, t), generator=torch.Generator().manual_seed(t))
             cache_c, cache_e = m.new_cache(1, 80), m.new_cache(1, 80)
-            torch.testing.assert_close(f(ids, cache=cache_c), m(ids, cache=cache_e), rtol=1e-4, atol=1e-4)
+            assert_close(f(ids, cache=cache_c), m(ids, cache=cache_e), rtol=1e-4, atol=1e-4)
             tok = ids[:, -1:].clone(memory_format=torch.contiguous_format)
             for step in range(50 if t == 11 else 5):              # decode steps
                 got, want = f(tok, cache=cache_c), m(tok, cache=cache_e)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                assert_close(got, want, rtol=1e-4, atol=1e-4)
                 tok = want[:, -1].argmax(-1, keepdim=True)
     # one graph for the first prefill, one for decode, one dynamic-length prefill after the second
     # prompt length: three in all, none per decode step
@@ -229,7 +225,7 @@ def test_hf_model_after_module_swap_compiles_and_matches(tmp_path):
     with torch.no_grad():
         got = torch.compile(ours, backend="nemotron")(ids)
         want = hf(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert_close(got, want, rtol=1e-4, atol=1e-4 * max_abs(want))
 
 
 def test_explain_lists_ops_kernels_and_fusions():
@@ -254,7 +250,7 @@ def test_compile_regions_reuses_one_graph_per_layer_kind():
     nemotron.graph.compile_regions(m, backend=cnt)
     with torch.no_grad():
         got = m(ids)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
     kinds = set(NemotronHConfig.preset("tiny").layers_block_type)
     assert cnt.frame_count <= len(kinds) + 1 < len(m.backbone.layers), cnt.frame_count
 
@@ -267,14 +263,14 @@ def test_tiny_model_on_gpu_compiled_with_cudagraphs_equals_eager():
     f = torch.compile(m, backend="nemotron", options={"cudagraphs": True})
     with torch.no_grad():
         c_cache, e_cache = m.new_cache(1, 64), m.new_cache(1, 64)
-        torch.testing.assert_close(f(ids, cache=c_cache), m(ids, cache=e_cache), rtol=2e-3, atol=2e-3)
+        assert_close(f(ids, cache=c_cache), m(ids, cache=e_cache), rtol=2e-3, atol=2e-3)
         tok = ids[:, -1:].clone(memory_format=torch.contiguous_format)
         for _ in range(10):
             got, want = f(tok, cache=c_cache), m(tok, cache=e_cache)
-            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)   # fused kernels: rare code flips
+            assert_close(got, want, rtol=2e-3, atol=2e-3)   # fused kernels: rare code flips
             tok = want[:, -1].argmax(-1, keepdim=True)
     e = nemotron.graph.explain(m, (ids,))
-    assert any("Triton RMSNorm+NVFP4-quantize" in k for _, k, _ in e.ops)
+    assert any(name == "triton" and "Triton RMSNorm+NVFP4 quantize" in text for _, name, text, _ in e.ops), str(e)
 
 
 def test_generate_with_compiled_decode_steps():
@@ -282,9 +278,9 @@ def test_generate_with_compiled_decode_steps():
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
     torch._dynamo.reset()
     want = m.generate(ids, max_new_tokens=12)
-    assert torch.equal(m.generate(ids, max_new_tokens=12, backend="nemotron", max_len=32), want)
-    assert torch.equal(m.generate(ids[:, :7], max_new_tokens=12, backend="nemotron", max_len=32),
-                       m.generate(ids[:, :7], max_new_tokens=12))
+    assert_equal(m.generate(ids, max_new_tokens=12, backend="nemotron", max_len=32), want)
+    assert_equal(m.generate(ids[:, :7], max_new_tokens=12, backend="nemotron", max_len=32),
+                 m.generate(ids[:, :7], max_new_tokens=12))
 
 
 def test_mode_and_cudagraphs_options_compile_on_cpu():
@@ -295,4 +291,4 @@ def test_mode_and_cudagraphs_options_compile_on_cpu():
         torch._dynamo.reset()                 # torch.compile takes a mode or options, not both
         f = torch.compile(m, backend="nemotron", **kw)
         with torch.no_grad():
-            torch.testing.assert_close(f(x, x), m(x, x), rtol=1e-6, atol=1e-6)
+            assert_close(f(x, x), m(x, x), rtol=1e-6, atol=1e-6)

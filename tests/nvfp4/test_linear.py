@@ -11,14 +11,8 @@ from nemotron.nvfp4 import reference as ref
 from nemotron.nvfp4.triton import gemm as gemm_kernels
 from nemotron.nvfp4.triton import quantize as q_kernels
 
+from ..close import assert_close, assert_equal, assert_rel_rms, rel_rms_error
 from ..strategies import seeds
-
-
-def _check(got, want, tol):
-    diff = (got.double() - want.double()).abs()
-    bad = diff > tol
-    assert not bad.any(), (f"{bad.sum().item()} of {bad.numel()} outside tolerance, first {bad.nonzero()[:3].tolist()}, "
-                           f"max excess {(diff - tol).max().item():.3g}")
 
 
 def _make(m, n, k, dtype, with_bias, seed):
@@ -51,7 +45,7 @@ def test_gemm_kernel_matches_reference(kernel_device, m, n, k, dtype, with_bias,
         got = gemm_kernels.gemm(x.to(d), *args)
         x32 = x.float()
     assert got.dtype == dtype and got.shape == (m, n)
-    _check(got.cpu(), want, ref.gemm_tolerance(x32, w.dequantize(), b, want))
+    assert_close(got, want, atol=ref.gemm_tolerance(x32, w.dequantize(), b, want), what="gemm")
 
 
 def test_persistent_grid_covers_every_tile(kernel_device, monkeypatch):
@@ -62,7 +56,25 @@ def test_persistent_grid_covers_every_tile(kernel_device, monkeypatch):
                             w.block_scales.view(torch.uint8).to(kernel_device), w.global_scale.to(kernel_device),
                             b.to(kernel_device))
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, b)
-    _check(got.cpu(), want, ref.gemm_tolerance(x.float(), w.dequantize(), b, want))
+    assert_close(got, want, atol=ref.gemm_tolerance(x.float(), w.dequantize(), b, want), what="gemm, 2 programs")
+
+
+class _NeverLaunches:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_an_unwritten_output_fails_the_check(kernel_device, monkeypatch):
+    """The GEMM's output starts as NaN (conftest's poison) and the check rejects NaN: a kernel that
+    never writes a tile cannot pass. Here the kernel never runs at all."""
+    monkeypatch.setattr(gemm_kernels, "_nvfp4_gemm_fwd_kernel", _NeverLaunches())
+    x, w, _ = _make(200, 64, 64, torch.float32, False, 6)        # several M tiles: no split-K
+    got = gemm_kernels.gemm(x.to(kernel_device), w.codes.to(kernel_device),
+                            w.block_scales.view(torch.uint8).to(kernel_device), w.global_scale.to(kernel_device))
+    want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale)
+    assert torch.isnan(got).all()
+    with pytest.raises(AssertionError, match="12800 NaN/inf in actual"):
+        assert_close(got, want, atol=ref.gemm_tolerance(x.float(), w.dequantize(), None, want))
 
 
 @given(m=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]), w4a4=st.booleans(), seed=seeds)
@@ -73,16 +85,17 @@ def test_public_linear_matches_reference(m, dtype, w4a4, seed):
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, b, act_quant=w4a4)
     assert got.shape == (m, 1, 48)
     x32 = ref.dequantize_reference(*ref.quantize_reference(x)) if w4a4 else x.float()
-    _check(got.reshape(m, 48), want.reshape(m, 48), ref.gemm_tolerance(x32.reshape(m, 96), w.dequantize(), b, want.reshape(m, 48)))
+    tol = ref.gemm_tolerance(x32.reshape(m, 96), w.dequantize(), b, want.reshape(m, 48))
+    assert_close(got.reshape(m, 48), want.reshape(m, 48), atol=tol, what="nvfp4.linear")
 
 
 def test_w4a4_differs_from_w4a16():
     """The activation quantize really happens: W4A4 output is further from the bf16 product."""
     x, w, _ = _make(8, 64, 256, torch.float32, False, 3)
     exact = x @ w.dequantize().T
-    e16 = (nvfp4.linear(x, w) - exact).norm() / exact.norm()
-    e4 = (nvfp4.linear(x, w, act_quant="nvfp4") - exact).norm() / exact.norm()
-    assert e16 < 1e-5 and 0.02 < e4 < 0.3
+    assert_rel_rms(nvfp4.linear(x, w), exact, 1e-5, what="W4A16")       # fp32 GEMM of the same values
+    e4 = rel_rms_error(nvfp4.linear(x, w, act_quant="nvfp4"), exact)
+    assert 0.02 < e4 < 0.3, f"W4A4 relative RMS error {e4:.3g}: NVFP4 activations cost ~10%"
 
 
 def test_opcheck_linear_ops():
@@ -121,8 +134,9 @@ def test_nvfp4_linear_from_linear_round_trip():
     w = nvfp4.quantize(lin.weight.detach())
     x = torch.randn(7, 96)
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, lin.bias.detach())
-    assert torch.equal(m.weight, w.codes) and torch.equal(m.weight_scale.view(torch.uint8), w.block_scales.view(torch.uint8))
-    torch.testing.assert_close(m(x), want, rtol=0, atol=0)   # CPU: the module runs the reference itself
+    assert_equal(m.weight, w.codes, what="codes")
+    assert_equal(m.weight_scale.view(torch.uint8), w.block_scales.view(torch.uint8), what="block scales")
+    assert_equal(m(x), want)                                  # CPU: the module runs the reference itself
 
 
 def test_nvfp4_linear_loads_modelopt_state_dict():
@@ -134,7 +148,7 @@ def test_nvfp4_linear_loads_modelopt_state_dict():
     dst.load_state_dict(sd)
     assert dst.input_scale.item() == pytest.approx(0.02)
     x = torch.randn(3, 64)
-    assert torch.equal(dst(x), src(x))
+    assert_equal(dst(x), src(x))
     assert set(sd) == {"weight", "weight_scale", "weight_scale_2", "input_scale"}
 
 
@@ -143,12 +157,11 @@ def test_fp8_linear_matches_reference_and_loads():
     m = FP8Linear.from_linear(lin, input_scale=0.05)
     x = torch.randn(5, 64)
     want = ref.fp8_linear_reference(x, m.weight, m.weight_scale, m.input_scale, m.bias)
-    assert torch.equal(m(x), want)
-    rel = (m(x) - lin(x)).norm() / lin(x).norm()
-    assert rel < 0.1                                              # FP8 E4M3: ~3 mantissa bits
+    assert_equal(m(x), want)
+    assert_rel_rms(m(x), lin(x), 0.1)                             # FP8 E4M3: ~3 mantissa bits
     dst = FP8Linear(64, 48, bias=True, dtype=torch.float32)
     dst.load_state_dict({k: v.reshape(1) if v.dim() == 0 else v for k, v in m.state_dict().items()})
-    assert torch.equal(dst(x), m(x))
+    assert_equal(dst(x), m(x))
 
 
 class _Toy(nn.Module):
@@ -181,7 +194,7 @@ def test_quantize_weight_only_round_trip_against_reference():
     nemotron.quantize_(toy, "nvfp4")
     for name, mod in toy.named_modules():
         if name in refs:
-            assert torch.equal(mod(x), refs[name]), name
+            assert_equal(mod(x), refs[name], what=name)
 
 
 @pytest.mark.parametrize("recipe, match", [
@@ -199,7 +212,7 @@ def test_gpu_gemm_nemotron_shapes(m, n, k):
     x, w, b = _make(m, n, k, torch.bfloat16, False, m)
     want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale)
     got = nvfp4.linear(x.cuda(), w.to("cuda"))
-    _check(got.cpu(), want, ref.gemm_tolerance(x.float(), w.dequantize(), None, want))
+    assert_close(got, want, atol=ref.gemm_tolerance(x.float(), w.dequantize(), None, want), what=f"gemm {m}x{n}x{k}")
 
 
 @pytest.mark.gpu
@@ -208,5 +221,6 @@ def test_gpu_fp8_linear_uses_scaled_mm_and_matches():
     m = FP8Linear.from_linear(lin, input_scale=0.01)
     x = torch.randn(33, 4096, device="cuda", dtype=torch.bfloat16)
     want = ref.fp8_linear_reference(x.cpu(), m.weight.cpu(), m.weight_scale.cpu(), m.input_scale.cpu(), m.bias.cpu())
-    _check(m(x).cpu(), want, ref.gemm_tolerance(ref.fp8_quantize_reference(x.cpu(), m.input_scale.cpu()).float() * 0.01,
-                                        m.weight.cpu().float() * m.weight_scale.cpu(), m.bias.cpu(), want))
+    tol = ref.gemm_tolerance(ref.fp8_quantize_reference(x.cpu(), m.input_scale.cpu()).float() * 0.01,
+                             m.weight.cpu().float() * m.weight_scale.cpu(), m.bias.cpu(), want)
+    assert_close(m(x), want, atol=tol)

@@ -157,6 +157,43 @@ def test_forcing_selects_the_kernels(kernel_device):
         assert dispatch.choose("nvfp4_quantize", x, record=False).name == "reference"
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: nvfp4.quantize(torch.randn(4, 24)), "multiple of 16"),
+    (lambda: nvfp4.quantize(torch.randn(4, 0)), "multiple of 16"),
+    (lambda: nvfp4.quantize(torch.randint(0, 4, (4, 32))), "dtype"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32, dtype=torch.float64)), "dtype"),
+    (lambda: nvfp4.quantize([1.0] * 16), "torch.Tensor"),
+    (lambda: nvfp4.quantize(torch.randn(32, 4).T), "layout"),
+    (lambda: nvfp4.quantize(torch.randn(4, 64)[:, ::2]), "layout"),
+    (lambda: nvfp4.quantize(torch.randn(32), block_shape=(16, 16)), "at least 2 dims"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), block_shape=(1, 32)), "block_shape"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), rounding="up"), "rounding"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), global_scale=-1.0), "global_scale"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), global_scale=float("nan")), "global_scale"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), global_scale=torch.ones(2)), "global_scale"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32), generator=3), "generator"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32, device="meta")), "device"),
+    (lambda: nvfp4.hadamard(torch.randn(4, 20)), "multiple of 16"),
+    (lambda: nvfp4.dequantize(torch.zeros(4, 16)), "NVFP4Tensor"),
+    (lambda: nvfp4.quantize(torch.randn(4, 32)).dequantize(torch.int32), "dtype"),
+])
+def test_bad_input_raises_a_clear_error(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_strided_rows_are_supported(kernel_device):
+    """A row-sliced view (row stride > K) needs no copy and gives the same bytes."""
+    base = torch.randn(10, 64)
+    view = base[:, :32]
+    assert not view.is_contiguous()
+    want = ref.quantize_reference(view.contiguous())
+    got = kernels.quantize(base.to(kernel_device)[:, :32], tile_rows=1, global_scale=None, stochastic=False,
+                           seed=0, hadamard=False)
+    for name, g, w in zip(("codes", "block_scales", "global_scale"), got, want):
+        _assert_bytes_equal(name, g, w)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_dispatch_uses_the_kernels_and_matches(dtype):

@@ -9,6 +9,7 @@ from nemotron import ssm_kernels as ssm
 from nemotron.ssm_kernels import reference as ref
 from nemotron.ssm_kernels.triton import ssd as ssd_kernels
 
+from ..close import assert_close, rms
 from ..strategies import seeds
 
 # Relative tolerance on max|y - y_ref| / rms(y_ref). fp32: the kernel sums <= Q fp32 products per
@@ -23,9 +24,9 @@ def _on(device, kw: dict) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
-def _rel(got, want):
-    want = want.double()
-    return ((got.double() - want).abs().max() / (want.pow(2).mean().sqrt() + 1e-30)).item()
+def _close(got, want, tol, what="y"):
+    """max |got - want| <= tol * rms(want), elementwise and NaN-safe."""
+    assert_close(got, want, atol=tol * rms(want), what=what)
 
 
 @st.composite
@@ -72,7 +73,8 @@ def test_chunked_reference_equals_recurrence(prob):
     chunk = kw.pop("chunk_size")
     y1, s1 = ref.ssd_recurrence(*args, **kw)
     y2, s2 = ref.ssd_chunked(*args, chunk_size=chunk, dtype=torch.float64, **kw)
-    assert _rel(y2, y1) < 1e-10 and _rel(s2, s1) < 1e-10     # fp64, two orders of summation
+    _close(y2, y1, 1e-10)                                     # fp64, two orders of summation
+    _close(s2, s1, 1e-10, "final states")
 
 
 @given(ssd_problems())
@@ -86,7 +88,8 @@ def test_kernel_matches_recurrence(kernel_device, prob):
                                         **_on(d, kw))
     tol = TOL[args[0].dtype]
     assert got_y.dtype == args[0].dtype and got_s.dtype == torch.float32
-    assert _rel(got_y.cpu(), want_y) < tol and _rel(got_s.cpu(), want_s) < tol
+    _close(got_y, want_y, tol)
+    _close(got_s, want_s, tol, "final states")
 
 
 @given(ssd_problems(dtype=torch.float32))
@@ -94,7 +97,8 @@ def test_public_op_matches_recurrence(prob):
     args, kw = prob
     want_y, want_s = ref.ssd_recurrence(*args, **{k: v for k, v in kw.items() if k != "chunk_size"})
     y, s = ssm.ssd_scan(*args, return_final_states=True, **kw)
-    assert _rel(y, want_y) < TOL[torch.float32] and _rel(s, want_s) < TOL[torch.float32]
+    _close(y, want_y, TOL[torch.float32])
+    _close(s, want_s, TOL[torch.float32], "final states")
 
 
 def _problem(t=50, b=2, h=4, g=2, p=16, n=16, seed=0, dtype=torch.float32):
@@ -109,7 +113,8 @@ def test_chunk_size_invariance(kernel_device):
     args = [a.to(kernel_device) for a in args]
     kw = _on(kernel_device, kw)
     ys = [ssd_kernels.ssd_scan(*args, chunk_size=q, **kw).cpu() for q in (16, 32, 64)]
-    assert _rel(ys[0], ys[2]) < 1e-5 and _rel(ys[1], ys[2]) < 1e-5   # fp32, different summation order only
+    _close(ys[0], ys[2], 1e-5, "chunk 16 vs 64")                  # fp32, different summation order only
+    _close(ys[1], ys[2], 1e-5, "chunk 32 vs 64")
 
 
 def test_split_anywhere_and_carry(kernel_device):
@@ -124,7 +129,8 @@ def test_split_anywhere_and_carry(kernel_device):
         rest = [a[:, n:] if a.dim() > 1 else a for a in args]
         y1, s1 = ssd_kernels.ssd_scan(*first, chunk_size=16, return_final_states=True, **kw)
         y2, s2 = ssd_kernels.ssd_scan(*rest, chunk_size=16, initial_states=s1, return_final_states=True, **kw)
-        assert _rel(torch.cat([y1, y2], 1).cpu(), y.cpu()) < 1e-5 and _rel(s2.cpu(), s.cpu()) < 1e-5
+        _close(torch.cat([y1, y2], 1), y, 1e-5, f"y split at {n}")
+        _close(s2, s, 1e-5, f"final states split at {n}")
 
 
 def test_prefill_then_decode_equals_longer_prefill():
@@ -136,7 +142,7 @@ def test_prefill_then_decode_equals_longer_prefill():
     _, state = ssm.ssd_scan(x[:, :n], dt[:, :n], A, B[:, :n], C[:, :n], chunk_size=16, return_final_states=True, **kw)
     for t in range(n, 40):
         y_t = ssm.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], **kw)
-        assert _rel(y_t, y_full[:, t]) < 1e-4, t
+        _close(y_t, y_full[:, t], 1e-4, f"decode step {t}")
 
 
 def test_extreme_dt_and_negative_a_stay_finite(kernel_device):
@@ -156,7 +162,7 @@ def test_extreme_dt_and_negative_a_stay_finite(kernel_device):
         assert torch.isfinite(got).all()
         if not mixed:
             want, _ = ref.ssd_recurrence(x, dt, A, B, C, D=D)
-            assert _rel(got.cpu(), want) < 1e-4
+            _close(got, want, 1e-4)
 
 
 def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
@@ -178,7 +184,7 @@ def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
     assert sum(sizes) == y.numel() * y.element_size() + s.numel() * s.element_size()
     want, _ = ref.ssd_chunked(*[a.cpu() for a in args], chunk_size=64,
                               **_on("cpu", kw))
-    assert _rel(y.cpu(), want) < 1e-4
+    _close(y, want, 1e-4)
 
 
 def test_opcheck_ssd():
@@ -222,4 +228,4 @@ def test_gpu_super_shape(dtype):
     want, _ = ref.ssd_chunked(*args, chunk_size=128, **kw)
     got = ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=128,
                        **_on("cuda", kw))
-    assert _rel(got.cpu(), want) < TOL[dtype]
+    _close(got, want, TOL[dtype])
