@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from nemotron import dispatch as _triton
+from nemotron import dispatch
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def kernel_device() -> torch.device:
     """The device whose tensors the Triton kernels accept in this process."""
-    return torch.device("cpu") if _triton.interpreting() else torch.device("cuda")
+    return torch.device("cpu") if dispatch.interpreting() else torch.device("cuda")
 
 
 _real_empty, _real_empty_like = torch.empty, torch.empty_like
