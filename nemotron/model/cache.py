@@ -4,7 +4,8 @@
               bfloat16, float16, or float8_e4m3fn with a unit scale (values saturated to +-448)
   conv state  ``[B, W-1, conv_dim]`` per Mamba layer, channel-last: the last W-1 xBC inputs
   SSM state   ``[B, H, P, N]`` per Mamba layer, fp32 (or fp16, rounded to nearest or stochastically
-              with a seeded generator; the update itself always runs in fp32)
+              with a seeded generator; the update itself always runs in fp32). A model's cache
+              takes the config's ``mamba_ssm_cache_dtype`` by default (:func:`config_ssm_dtype`)
 
 Positions are 0-dim int64 device tensors (``pos``, ``mtp_pos``), advanced in place, and attention
 reads the whole static KV buffer under a mask: a decode step has the same shapes and reads no
@@ -18,12 +19,28 @@ position are simply overwritten later.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 SSM_DTYPES = (torch.float32, torch.float16)
+
+
+def config_ssm_dtype(config) -> torch.dtype:
+    """The SSM state dtype a config's ``mamba_ssm_cache_dtype`` asks for, as vLLM reads it:
+    "float32" or "float16". "bfloat16" (which the config accepts, as HF's does) keeps float32
+    states, with a warning: the cache stores no bfloat16 state, and float32 is the more exact one."""
+    name = config.mamba_ssm_cache_dtype
+    if name == "bfloat16":
+        warnings.warn("mamba_ssm_cache_dtype: the cache keeps SSM states in float32 or float16, not bfloat16; "
+                      "using float32 (pass ssm_dtype= to choose)", stacklevel=3)
+        return torch.float32
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(name)
+    if dtype is None:                       # a config edited after it was validated
+        raise ValueError(f"mamba_ssm_cache_dtype: expected 'float32', 'float16' or 'bfloat16', got {name!r}")
+    return dtype
 
 
 def _dtype_arg(name: str, v, allowed: tuple) -> torch.dtype:

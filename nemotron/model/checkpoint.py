@@ -21,6 +21,11 @@ README, generation_config.json, subdirectories), hard-linked where the filesyste
 Loading checks what it reads: every file error is a :class:`CheckpointError` naming the file; index
 entries must name ``.safetensors`` files inside the directory; a tensor may come from one file only;
 each tensor's dtype must fit its slot in the model (see :func:`_check_dtypes`).
+
+``tie_word_embeddings``: the head is the embedding table. A checkpoint may hold the table under
+either name or both (equal); a save writes both, as transformers does. One whose ``lm_head.weight``
+differs from the table loads untied (see :func:`_untie_if_distinct`). Quantization keeps a tied
+head float.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import pathlib
 import secrets
 import shutil
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -40,6 +45,7 @@ from ..moe_kernels.layer import MoEExperts
 from ..nvfp4.linear import FP8Linear, NVFP4Linear
 from ..quantize import quantize_
 from .config import NemotronHConfig
+from .model import TiedLMHead
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX = "model.safetensors.index.json"
@@ -176,10 +182,13 @@ def _skeleton(cls, config: NemotronHConfig, device, dtype):
 
 
 def _units(model) -> list:
-    """(name, module) pieces that are built one at a time: embeddings, each layer, the head, MTP."""
+    """(name, module) pieces that are built one at a time: embeddings, each layer, the head (unless
+    tied: then it is the embedding table), MTP."""
     units = [("backbone.embeddings", model.backbone.embeddings)]
     units += [(f"backbone.layers.{i}", layer) for i, layer in enumerate(model.backbone.layers)]
-    units += [("backbone.norm_f", model.backbone.norm_f), ("lm_head", model.lm_head)]
+    units += [("backbone.norm_f", model.backbone.norm_f)]
+    if not isinstance(model.lm_head, TiedLMHead):
+        units += [("lm_head", model.lm_head)]
     if model.mtp is not None:
         units += [(f"mtp.layers.{j}", layer) for j, layer in enumerate(model.mtp.layers)]
     return units
@@ -208,9 +217,20 @@ def _init_random(module: nn.Module, config: NemotronHConfig, gen: torch.Generato
 
 
 def _sub_recipe(recipe, prefix: str):
+    """The part of ``recipe`` for the unit ``prefix``, under the unit's own names ("" for the unit)."""
     if recipe is None or isinstance(recipe, str):
         return recipe
-    return {k[len(prefix) + 1:]: v for k, v in recipe.items() if k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1:]: v for k, v in recipe.items() if k == prefix or k.startswith(prefix + ".")}
+
+
+def _check_recipe_names(recipe, units: list) -> None:
+    """A mixed map's names must each fall in a unit (each unit's quantize_ checks the rest)."""
+    if not isinstance(recipe, Mapping):
+        return
+    lost = [k for k in recipe if not any(k == p or k.startswith(p + ".") for p, _ in units)]
+    if lost:
+        raise ValueError(f"recipe: {len(lost)} name(s) are not quantizable modules of the model, e.g. {lost[:3]} "
+                         "(a tied lm_head is the embedding table and stays float)")
 
 
 def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0):
@@ -222,7 +242,9 @@ def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recip
     with torch.device("meta"):
         model = cls(config, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for prefix, unit in _units(model):
+    units = _units(model)
+    _check_recipe_names(recipe, units)
+    for prefix, unit in units:
         unit.to_empty(device=device)
         _init_random(unit, config, gen, device)
         sub = _sub_recipe(recipe, prefix)
@@ -231,6 +253,7 @@ def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recip
             if new is not unit:             # the unit is itself a linear (lm_head): swap it in its parent
                 parent, _, child = prefix.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.tie_weights()                     # a tied head still holds the meta table
     return model.eval()
 
 
@@ -331,6 +354,24 @@ def _drop_absent_mtp(model: nn.Module, keys, source: str) -> None:
     model.config.num_nextn_predict_layers = 0
 
 
+def _untie_if_distinct(model: nn.Module, tensors: dict, source: str) -> None:
+    """A tied config whose weights hold an ``lm_head.weight`` that is not the embedding table: the
+    model loads untied (its own head, ``tie_word_embeddings`` turned off), and says so. Transformers
+    5 builds NemotronH's head untied whatever the flag says and saves it so; older remote code saved
+    a tied head as nothing or as the table. Either name alone, or both equal, loads tied."""
+    emb, head = tensors.get("backbone.embeddings.weight"), tensors.get("lm_head.weight")
+    if not isinstance(model.lm_head, TiedLMHead) or emb is None or head is None:
+        return
+    if emb.dtype == head.dtype and emb.shape == head.shape and torch.equal(emb, head):
+        return
+    warnings.warn(f"{source}: the config has tie_word_embeddings = true but lm_head.weight is not the embedding "
+                  "table; loading an untied lm_head (as transformers runs this checkpoint)", stacklevel=4)
+    w = model.backbone.embeddings.weight
+    model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, dtype=w.dtype,
+                              device=w.device)
+    model.config.tie_word_embeddings = False
+
+
 def _load(model: nn.Module, tensors: dict, source: str) -> None:
     """Load ``tensors`` into ``model`` (the checkpoint's names); every mismatch is a CheckpointError."""
     _drop_absent_mtp(model, tensors, source)
@@ -367,6 +408,9 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
     device = torch.device(device or "cpu")
     dtype = dtype or _DTYPES.get(config.dtype, torch.bfloat16)
     model = _skeleton(cls, config, device, dtype)
+    source = f"checkpoint {path}"
+    tensors = _read_tensors(path, progress)
+    _untie_if_distinct(model, tensors, source)
     q, q_file = _quant_config(path, config_dict)
     if q is not None:
         with torch.no_grad():
@@ -376,7 +420,7 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
             _apply_recipe(model, recipe_from_quant_config(q, model))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{q_file}: {err}") from None
-    _load(model, _read_tensors(path, progress), f"checkpoint {path}")
+    _load(model, tensors, source)
     _activation_modes(model)
     return model.eval()
 
@@ -392,6 +436,7 @@ def from_hf(cls, hf_model, *, device=None, dtype=None):
     model = _skeleton(cls, config, device, dtype)
     sd = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v
           for k, v in hf_model.state_dict().items()}
+    _untie_if_distinct(model, sd, "hf_model")
     _load(model, sd, "hf_model")
     return model.eval()
 

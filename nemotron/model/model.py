@@ -1,13 +1,17 @@
 """``NemotronHForCausalLM``: the hybrid model under the checkpoint's names (``backbone.*``,
-``lm_head.weight``, ``mtp.layers.{j}.*``), so ``state_dict()`` is the HF checkpoint layout."""
+``lm_head.weight``, ``mtp.layers.{j}.*``), so ``state_dict()`` is the HF checkpoint layout.
+
+With ``tie_word_embeddings`` the head is :class:`TiedLMHead`: ``lm_head.weight`` is the embedding
+Parameter itself (both names stay in ``state_dict()``, as transformers writes both)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .cache import HybridCache
+from .cache import HybridCache, config_ssm_dtype
 from .config import NemotronHConfig
 from .layers import Block, MTPLayer, RMSNorm
 
@@ -19,6 +23,22 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, i, kind, dtype=dtype, device=device)
                                      for i, kind in enumerate(cfg.layers_block_type)])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=dtype, device=device)
+
+
+class TiedLMHead(nn.Module):
+    """The output projection of a tied model: logits ``[..., vocab] = h [..., H] @ E^T`` with ``E``
+    the embedding table ``[vocab, H]``, held as ``weight`` (the same Parameter).
+
+    Not an ``nn.Linear`` on purpose: :func:`nemotron.quantize_` converts ``nn.Linear`` modules, and
+    a quantized copy of the head would untie it from the float table the lookup reads. So a tied
+    head stays float and tied under every recipe (ModelOpt leaves lm_head unquantized too)."""
+
+    def __init__(self, embeddings: nn.Embedding):
+        super().__init__()
+        self.weight = embeddings.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
 
 
 class MTP(nn.Module):
@@ -59,8 +79,26 @@ class NemotronHForCausalLM(nn.Module):
                             f"dict), got {type(config).__name__}")
         self.config = config
         self.backbone = Backbone(config, dtype=dtype, device=device)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        if config.tie_word_embeddings:
+            self.lm_head = TiedLMHead(self.backbone.embeddings)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         self.mtp = MTP(config, dtype=dtype, device=device) if config.num_nextn_predict_layers else None
+        self.register_load_state_dict_pre_hook(_alias_tied)
+        self.register_load_state_dict_post_hook(_retie)
+
+    def tie_weights(self) -> None:
+        """Make a tied head's weight the embedding Parameter again (untied: nothing to do).
+        ``to_empty`` and ``load_state_dict(assign=True)`` give each module a Parameter of its own,
+        so both end here (through ``_apply`` and the load hook)."""
+        if isinstance(self.lm_head, TiedLMHead):
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def _apply(self, fn, recurse=True):
+        # every module conversion (to, to_empty, half, ...) goes through here
+        out = super()._apply(fn, recurse)
+        self.tie_weights()
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -70,10 +108,15 @@ class NemotronHForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.backbone.embeddings.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int, **kwargs) -> HybridCache:
-        """A cache for ``batch`` sequences of up to ``max_len`` tokens (see :class:`HybridCache`)."""
+    def new_cache(self, batch: int, max_len: int, *, ssm_dtype: Optional[torch.dtype] = None,
+                  **kwargs) -> HybridCache:
+        """A cache for ``batch`` sequences of up to ``max_len`` tokens (see :class:`HybridCache`).
+        ``ssm_dtype`` defaults to the config's ``mamba_ssm_cache_dtype``, as in vLLM (see
+        :func:`~nemotron.model.cache.config_ssm_dtype`); an explicit one wins."""
+        if ssm_dtype is None:
+            ssm_dtype = config_ssm_dtype(self.config)
         return HybridCache(self.config, batch, max_len, device=self.device, dtype=self.dtype,
-                           mtp=self.mtp is not None, **kwargs)
+                           mtp=self.mtp is not None, ssm_dtype=ssm_dtype, **kwargs)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
@@ -143,3 +186,19 @@ class NemotronHForCausalLM(nn.Module):
         """See :func:`nemotron.model.generate.generate`."""
         from .generate import generate
         return generate(self, input_ids, **kwargs)
+
+
+_EMB, _HEAD = "backbone.embeddings.weight", "lm_head.weight"
+
+
+def _alias_tied(model: NemotronHForCausalLM, state_dict, prefix, *args) -> None:
+    """Before ``load_state_dict``: in a tied model the two names are one tensor, so either supplies
+    both (the embeddings when a checkpoint holds both, as transformers' tying does)."""
+    if isinstance(model.lm_head, TiedLMHead):
+        src = state_dict.get(prefix + _EMB, state_dict.get(prefix + _HEAD))
+        if src is not None:
+            state_dict[prefix + _EMB] = state_dict[prefix + _HEAD] = src
+
+
+def _retie(model: NemotronHForCausalLM, incompatible) -> None:
+    model.tie_weights()             # ``assign=True`` gave each name its own Parameter
