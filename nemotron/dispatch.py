@@ -306,16 +306,19 @@ def check_int(name: str, v, *, lo: Optional[int] = None, hi: Optional[int] = Non
     return v
 
 
-def check_float(name: str, v, *, lo: Optional[float] = None, finite: bool = True) -> float:
-    """``v`` as a finite float (>= ``lo``); bools, NaN and (when ``finite``) inf are refused."""
+def check_float(name: str, v, *, lo: Optional[float] = None, hi: Optional[float] = None,
+                lo_open: bool = False) -> float:
+    """``v`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); ints are taken,
+    bools, NaN and inf refused."""
     import math
     import numbers
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(v).__name__} {v!r}")
     v = float(v)
-    if math.isnan(v) or (finite and math.isinf(v)) or (lo is not None and v < lo):
-        want = "a finite float" if finite else "a float"
-        raise ValueError(f"{name}: expected {want}{f' >= {lo}' if lo is not None else ''}, got {v}")
+    if not math.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        span = "" if lo is None and hi is None else \
+            f" in {'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name}: expected a finite float{span}, got {v}")
     return v
 
 

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .. import dispatch
+
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 SSM_DTYPES = (torch.float32, torch.float16)
 
@@ -48,14 +50,6 @@ def _dtype_arg(name: str, v, allowed: tuple) -> torch.dtype:
         raise TypeError(f"{name}: expected a torch.dtype, one of {allowed}, got {v!r}")
     if v not in allowed:
         raise ValueError(f"{name}: expected one of {allowed}, got {v}")
-    return v
-
-
-def _size_arg(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected a positive int, got {v!r} ({type(v).__name__})")
-    if v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v}")
     return v
 
 
@@ -121,7 +115,7 @@ class HybridCache:
         kv_dtype = dtype if kv_dtype is None else _dtype_arg("kv_dtype", kv_dtype, KV_DTYPES)
         if ssm_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"ssm_rounding: expected 'nearest' or 'stochastic', got {ssm_rounding!r}")
-        batch, max_len = _size_arg("batch", batch), _size_arg("max_len", max_len)
+        batch, max_len = dispatch.check_int("batch", batch, lo=1), dispatch.check_int("max_len", max_len, lo=1)
         self.batch, self.max_len = batch, max_len
         self.pos = torch.zeros((), dtype=torch.int64, device=device)      # tokens of the main model
         self.mtp_pos = torch.zeros((), dtype=torch.int64, device=device)  # tokens the MTP attention cached

@@ -9,37 +9,15 @@ argmax; sampling: a sample from its distribution), so greedy output is the same 
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
+from .. import dispatch
 
 def _int_arg(name: str, v, lo: int, *, optional: bool = False):
     """``v`` as an int >= lo (None passes if optional); bools and floats are not ints."""
-    if v is None and optional:
-        return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int >= {lo}{' or None' if optional else ''}, got {v!r} "
-                        f"({type(v).__name__})")
-    if v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
-    return int(v)
-
-
-def _float_arg(name: str, v, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
-    """``v`` as a finite float in [lo, hi] (``(lo, hi]`` if lo_open); ints are taken, bools not."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {v!r} ({type(v).__name__})")
-    v = float(v)
-    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
-        if math.isfinite(hi):
-            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        else:
-            span = f"{'>' if lo_open else '>='} {lo:g}"
-        raise ValueError(f"{name}: expected a finite number {span}, got {v}")
-    return v
+    return v if v is None and optional else dispatch.check_int(name, v, lo=lo)
 
 
 def _eos_arg(v) -> tuple:
@@ -103,8 +81,8 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, temperature
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
-    temperature = _float_arg("temperature", temperature, 0.0)
-    top_p = _float_arg("top_p", top_p, 0.0, 1.0, lo_open=True)
+    temperature = dispatch.check_float("temperature", temperature, lo=0.0)
+    top_p = dispatch.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
     prefill_chunk = _int_arg("prefill_chunk", prefill_chunk, 1, optional=True)
     max_len = _int_arg("max_len", max_len, 1, optional=True)
     eos = _eos_arg(eos_token_id)

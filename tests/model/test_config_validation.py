@@ -10,6 +10,8 @@ import torch
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
 from nemotron.model import config as config_mod
 
+from .hf_tiny import hf_tiny
+
 TINY = NemotronHConfig.preset("tiny")
 IDS = torch.tensor([[1, 5, 7, 9, 11, 2, 3, 200, 17]])
 
@@ -195,21 +197,7 @@ def test_config_chunk_size_does_not_change_the_logits():
 
 def _hf_checkpoint(path, **over):
     """A tiny HF transformers model with unit-scale weights, saved as HF writes it."""
-    transformers = pytest.importorskip("transformers")
-    kw = dict(vocab_size=96, hidden_size=64, hybrid_override_pattern="M*EM", mamba_num_heads=4, mamba_head_dim=16,
-              ssm_state_size=16, n_groups=2, chunk_size=16, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-              moe_shared_expert_intermediate_size=48, moe_latent_size=32, intermediate_size=48,
-              routed_scaling_factor=2.5)
-    torch.manual_seed(0)
-    hf = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**{**kw, **over})).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.rand(p.shape, generator=g) - 2.0)
+    hf = hf_tiny(**over)
     hf.save_pretrained(path)
     return hf
 

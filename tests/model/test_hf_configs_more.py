@@ -12,6 +12,7 @@ import nemotron
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
 from nemotron.nvfp4.linear import NVFP4Linear
 
+from .hf_tiny import hf_tiny
 from ..close import assert_close, assert_equal, max_abs
 
 TINY = NemotronHConfig.preset("tiny")
@@ -30,23 +31,9 @@ def _hf_tied(head_is_table: bool):
     """A tiny transformers NemotronH with ``tie_word_embeddings=True`` and unit-scale weights.
     Transformers 5 builds its head untied whatever the flag says; ``head_is_table`` copies the
     table into it, the weights a tying implementation runs."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.NemotronHConfig(
-        vocab_size=96, hidden_size=64, hybrid_override_pattern="M*EM", num_hidden_layers=4, mamba_num_heads=4,
-        mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48, moe_latent_size=32, intermediate_size=48,
-        routed_scaling_factor=2.5, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    hf = transformers.NemotronHForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.rand(p.shape, generator=g) - 2.0)
-        if head_is_table:
+    hf = hf_tiny(num_hidden_layers=4, tie_word_embeddings=True)
+    if head_is_table:
+        with torch.no_grad():
             hf.lm_head.weight.copy_(hf.model.embeddings.weight)
     return hf
 
