@@ -4,10 +4,10 @@ torch.compile backend for Nemotron 3 hybrid models.
 Without a CUDA device, importing the package turns on Triton's interpreter (see ``nemotron.dispatch``).
 """
 from . import dispatch  # noqa: F401  (first: chooses Triton's interpreter before triton is imported)
-from .quantize import quantize_
+from .quantize import prepare_training_, quantize_
 
 __version__ = "0.1.0"
-__all__ = ["quantize_", "dispatch", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph"]
+__all__ = ["quantize_", "prepare_training_", "dispatch", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph"]
 
 _SUBPACKAGES = ("nvfp4", "ssm_kernels", "moe_kernels", "model", "graph")
 

@@ -9,12 +9,16 @@ reason each earlier one was rejected, so a report can say why a path did not run
   runs interpreted (``TRITON_INTERPRET=1``, which ``import nemotron`` turns on when no GPU exists).
   Chosen by default on CUDA only: on CPU the references are the fast path.
 * ``scaled_mm``: ``torch._scaled_mm`` (FP8 GEMM), on CUDA devices of capability >= 8.9.
-* ``reference``: the plain-torch reference (``<family>/reference.py``), on any device.
+* ``torch``: a fast plain-torch path (fp32 math, batched matmuls, table lookups), on any device; the
+  CPU default where an op has one. Equal to the reference bit for bit (quantizers) or up to fp32
+  summation order (GEMMs), which the tests check.
+* ``reference``: the plain-torch reference (``<family>/reference.py``, fp32 or fp64 in a fixed
+  order), on any device: the oracle of every test, and the path of ops with nothing faster.
 
 The choice is forced three ways, strongest first: an op's explicit ``impl`` argument (what the
 ``nemotron`` backend's lowering pass writes into each graph node at compile time, so that what runs
 is what :func:`nemotron.graph.explain` prints); the :func:`use` context (thread- and task-local);
-the ``NEMOTRON_KERNELS`` environment variable (``triton`` or ``reference``), read once at import.
+the ``NEMOTRON_KERNELS`` environment variable (``triton``, ``torch`` or ``reference``), read once at import.
 Forcing ``triton`` on an op that has no Triton kernel (routing, permutation, the FP8 GEMM) keeps
 its other implementations; forcing an implementation that cannot run raises, naming the reason.
 
@@ -45,7 +49,7 @@ def _choose_mode() -> None:
 
 _choose_mode()
 
-KERNELS = ("triton", "reference")      # what ``use``, ``NEMOTRON_KERNELS`` and the backend's ``kernels`` name
+KERNELS = ("triton", "torch", "reference")      # what ``use``, ``NEMOTRON_KERNELS`` and the backend's ``kernels`` name
 _ENV = "NEMOTRON_KERNELS"
 _ENV_VALUE = os.environ.get(_ENV, "").strip().lower() or None     # read once
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("nemotron_kernels", default=None)
@@ -75,7 +79,7 @@ def forced() -> Optional[str]:
 
 @contextlib.contextmanager
 def use(kernels: Optional[str]):
-    """Force ``"triton"`` or ``"reference"`` implementations (None: by device) inside the block.
+    """Force ``"triton"``, ``"torch"`` or ``"reference"`` implementations (None: by device) inside the block.
 
     Example::
 
@@ -145,7 +149,7 @@ def _needs_triton(c: Call) -> Optional[str]:
     if c.device != "cpu":
         return f"no Triton kernels for {c.device} tensors"
     if c.forced != "triton":
-        return "CPU tensor (the reference is the fast path; force 'triton' to interpret the kernel)"
+        return "CPU tensor (plain torch is the fast path there; force 'triton' to interpret the kernel)"
     if not interpreting():
         return ("Triton was imported before nemotron without TRITON_INTERPRET=1, so its kernels cannot run "
                 "on CPU; set TRITON_INTERPRET=1 in the environment or import nemotron before triton")
@@ -199,11 +203,14 @@ def _gemm(what: str):
 
 
 REFERENCE = Impl("reference", "reference", "reference (plain torch)")
+_FAST = lambda what: Impl("torch", "torch", what)  # noqa: E731  (a fast plain-torch path, checked against the reference)
 _TORCH = lambda what: Impl("reference", "reference", what)  # noqa: E731  (the torch ops are the kernel and the reference)
 
 TABLE: dict[str, tuple] = {
     "nvfp4_amax": (_triton("Triton amax"), REFERENCE),
-    "nvfp4_quantize": (_triton("Triton NVFP4 quantize"), REFERENCE),
+    "nvfp4_quantize": (_triton("Triton NVFP4 quantize"), _FAST("torch NVFP4 quantize (fp32, byte-equal)"), REFERENCE),
+    "nvfp4_quantize_row_col": (_triton("Triton fused rowwise + columnwise (RHT) NVFP4 quantize"),
+                               _FAST("two torch NVFP4 quantizes"), REFERENCE),
     "nvfp4_dequantize": (_triton("Triton NVFP4 dequantize"), REFERENCE),
     "hadamard16": (_triton("Triton RHT"), REFERENCE),
     "nvfp4_linear": (_triton(_gemm("(packed FP4 expanded in registers)")), REFERENCE),
@@ -218,10 +225,12 @@ TABLE: dict[str, tuple] = {
     "moe_route": (_TORCH("torch sigmoid top-k, fp32 (the reference)"),),
     "moe_permute": (_TORCH("torch stable sort + scatter-add, no host sync (the reference)"),),
     "moe_combine": (_TORCH("torch fixed-order sum of the k slots (the reference)"),),
-    "moe_expert_slots": (_triton("Triton grouped GEMM (gather, relu2 and routing weight fused)"), REFERENCE),
+    "moe_expert_slots": (_triton("Triton grouped GEMM (gather, relu2 and routing weight fused)"),
+                         _FAST("torch fp32 grouped matmuls"), REFERENCE),
     "moe_experts": (_triton("Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)"),
-                    REFERENCE),
-    "moe_routed_experts": (_triton("torch routing + Triton grouped GEMM in one op"), REFERENCE),
+                    _FAST("torch fp32 grouped matmuls"), REFERENCE),
+    "moe_routed_experts": (_triton("torch routing + Triton grouped GEMM in one op"),
+                           _FAST("torch routing + fp32 grouped matmuls"), REFERENCE),
 }
 
 

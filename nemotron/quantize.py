@@ -1,7 +1,8 @@
-"""``nemotron.quantize_``: swap a model's linears (and LatentMoE expert stacks) for NVFP4 / FP8 layers.
+"""``nemotron.quantize_`` and ``nemotron.prepare_training_``: swap a model's linears (and LatentMoE
+expert stacks) for NVFP4 / FP8 inference layers, or for NVFP4 / MXFP8 training layers.
 
 It sits above the kernel families: it knows the layers of each (``nvfp4.NVFP4Linear`` /
-``FP8Linear``, ``moe_kernels.MoEExperts``), and none of them imports it.
+``FP8Linear`` / ``NVFP4TrainingLinear``, ``moe_kernels.MoEExperts``), and none of them imports it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from .moe_kernels.layer import MoEExperts
 from .nvfp4.linear import FP8Linear, NVFP4Linear
+from .nvfp4.training import MXFP8TrainingLinear, NVFP4Recipe, NVFP4TrainingLinear, final_layers
 
 _EXPERT = re.compile(r"(^|\.)experts\.")
 _FORMATS = {"nvfp4": "nvfp4", "fp8": "fp8", "keep": None, "bf16": None, "none": None}
@@ -119,10 +121,95 @@ def quantize_(model: nn.Module, recipe: Union[str, Mapping], *, exclude: Iterabl
     stack_todo, linear_todo = _plan(model, recipe, exclude)
     for stack in stack_todo:
         stack.quantize_()
+    swaps = []
     for name, lin, fmt in linear_todo:
-        new = NVFP4Linear.from_linear(lin, act_quant=act_quant) if fmt == "nvfp4" else FP8Linear.from_linear(lin)
+        if fmt == "nvfp4":
+            # a layer trained with 16x16 weight blocks exports those blocks: inference sees the trained weights
+            block = getattr(lin, "weight_block_shape", (1, 16))
+            swaps.append((name, NVFP4Linear.from_linear(lin, act_quant=act_quant, block_shape=block)))
+        else:
+            swaps.append((name, FP8Linear.from_linear(lin)))
+    return _swap(model, swaps)
+
+
+def _swap(model: nn.Module, swaps: list) -> nn.Module:
+    """Put each ``(name, new module)`` in place; the root module's replacement is returned."""
+    for name, new in swaps:
         if not name:
             return new                     # the root module itself
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
+
+
+def _layer_count(model: nn.Module) -> Optional[tuple]:
+    """(count, path) of the backbone's layers (``backbone.layers`` or ``layers``), for ``high_precision_final``."""
+    for path in ("backbone.layers", "model.layers", "layers"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return len(layers), path
+    return None
+
+
+def prepare_training_(model: nn.Module, recipe: Optional[NVFP4Recipe] = None, *,
+                      generator=None) -> nn.Module:
+    """Swap ``model``'s ``nn.Linear`` modules in place for NVFP4 training layers (:class:`~nemotron.
+    nvfp4.NVFP4TrainingLinear`), in the spirit of :func:`quantize_`.
+
+    Args:
+        recipe: an :class:`~nemotron.nvfp4.NVFP4Recipe` (default ``NVFP4Recipe()``; Super's carve-outs:
+            ``NVFP4Recipe.nemotron3()``). Modules matching ``recipe.high_precision`` (fnmatch on the
+            module name) and those in the final ``recipe.high_precision_final`` share of the backbone's
+            layers (``backbone.layers.{i}``) stay ``nn.Linear``; those matching ``recipe.mxfp8`` become
+            :class:`~nemotron.nvfp4.MXFP8TrainingLinear`.
+        generator: the stochastic-rounding seed source of every swapped layer (default: torch's global
+            CPU generator).
+
+    The new layers hold the same Parameters (an optimizer built before keeps working) and the same
+    state-dict names. After training, :func:`quantize_` exports them as NVFP4 with the recipe's weight
+    blocks. Every swap is validated before the first one happens (an NVFP4 layer needs in/out features
+    that are multiples of 16, an MXFP8 layer multiples of 32). Returns the model (a root ``nn.Linear``
+    is returned swapped, not changed in place).
+
+    Example::
+
+        >>> model = nemotron.prepare_training_(model, nemotron.nvfp4.NVFP4Recipe.nemotron3())
+        >>> loss = model(ids)[:, :-1].flatten(0, 1).log_softmax(-1).gather(1, ids[:, 1:].reshape(-1, 1)).mean()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    recipe = NVFP4Recipe() if recipe is None else recipe
+    if not isinstance(recipe, NVFP4Recipe):
+        raise TypeError(f"recipe: expected an NVFP4Recipe, got {type(recipe).__name__}")
+    final = ()
+    if recipe.high_precision_final > 0:
+        found = _layer_count(model)
+        if found is None:
+            raise ValueError("recipe.high_precision_final: the model has no backbone.layers / layers ModuleList "
+                             "to take the final layers from")
+        count, path = found
+        final = tuple(f"{path}.{i}.*" for i in range(count - final_layers(count, recipe.high_precision_final), count))
+    keep = lambda name: any(fnmatch.fnmatchcase(name, p) for p in (*recipe.high_precision, *final))  # noqa: E731
+    mx = lambda name: any(fnmatch.fnmatchcase(name, p) for p in recipe.mxfp8)  # noqa: E731
+    swaps = []
+    for name, lin in model.named_modules():
+        if not isinstance(lin, nn.Linear) or keep(name):
+            continue
+        label = name or "model"
+        if lin.weight.is_meta:
+            raise ValueError(f"{label}: its weight is on the meta device (no values to train)")
+        if mx(name):
+            if lin.in_features % 32 or lin.out_features % 32:
+                raise ValueError(f"{label}: MXFP8 training needs in/out features that are multiples of 32, got "
+                                 f"{lin.in_features} x {lin.out_features}; add it to recipe.high_precision")
+            swaps.append((name, lin, "mxfp8"))
+        elif lin.in_features % 16 or lin.out_features % 16:
+            raise ValueError(f"{label}: NVFP4 training needs in/out features that are multiples of 16, got "
+                             f"{lin.in_features} x {lin.out_features}; add it to recipe.high_precision")
+        else:
+            swaps.append((name, lin, "nvfp4"))
+    return _swap(model, [(name, MXFP8TrainingLinear.from_linear(lin) if fmt == "mxfp8"
+                          else NVFP4TrainingLinear.from_linear(lin, recipe, generator)) for name, lin, fmt in swaps])

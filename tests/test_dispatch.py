@@ -26,6 +26,7 @@ def _every_op(x16, ssm_in, moe_in):
     out.append(nvfp4.linear(normed, w, act_quant="nvfp4", input_scale=torch.tensor(0.01)))  # fused: norm_nvfp4_linear
     f8 = nvfp4.fp8_linear(x16, (x16.float() * 4).to(torch.float8_e4m3fn), torch.tensor(0.25))
     out.append(f8)
+    out.extend(torch.ops.nemotron.nvfp4_quantize_row_col(x16.repeat(4, 1), True, False, 0, 0))    # [16, 32]
     x, dt, A, B, C, xc, cw, state, conv_state = ssm_in
     out.append(ssm.ssd_scan(x, dt, A, B, C, chunk_size=16))
     out.append(ssm.causal_conv1d(xc, cw, activation="silu"))
@@ -62,11 +63,15 @@ def test_table_covers_every_registered_op():
         assert schema.arguments[-1].name == "impl", f"{name}: the last argument must be impl"
 
 
-def test_eager_default_runs_the_references_on_cpu_and_says_why():
+def test_eager_default_runs_plain_torch_on_cpu_and_says_why():
     with dispatch.trace() as ran:
         _every_op(*_inputs())
     assert {op for op, _ in ran} == set(dispatch.TABLE) - {"norm_nvfp4_linear", "moe_routed_experts"}
-    assert {impl for _, impl in ran} == {"reference"}
+    for op, impl in ran:       # the fast torch path where an op has one, else its reference
+        assert impl == ("torch" if any(i.name == "torch" for i in dispatch.TABLE[op]) else "reference"), (op, impl)
+    with dispatch.use("reference"), dispatch.trace() as ran:
+        _every_op(*_inputs())
+    assert {impl for _, impl in ran} == {"reference"}          # forcing the oracles reaches every op
     c = dispatch.choose("fp8_linear", torch.zeros(2, 16), record=False)
     assert c.name == "reference" and ("scaled_mm", "torch._scaled_mm needs a CUDA device") in c.rejected
     assert "not scaled_mm" in str(c)
@@ -135,7 +140,7 @@ def test_environment_override_is_read_once_and_validated():
         import torch, nemotron
         nemotron.nvfp4.quantize(torch.randn(2, 16))
     """, NEMOTRON_KERNELS="cuda-magic")
-    assert r.returncode != 0 and "NEMOTRON_KERNELS: expected one of ['triton', 'reference']" in r.stderr
+    assert r.returncode != 0 and "NEMOTRON_KERNELS: expected one of ['triton', 'torch', 'reference']" in r.stderr
 
 
 def test_triton_imported_first_gives_a_clear_error():
