@@ -168,7 +168,7 @@ class Operands:
     """The six quantized GEMM operands of one training step of ``y = x @ w.T`` (see the module
     docstring): ``x_row``/``w_row`` (fprop), ``dy_row``/``w_col`` (dgrad, ``w_col`` is ``w_row`` with
     ``weight_2d``), ``dy_col``/``x_col`` (wgrad: ``[N, Mp]`` and ``[K, Mp]``, tokens padded to 16)."""
-    x_row: NVFP4Tensor
+    x_row: Optional[NVFP4Tensor]
     w_row: NVFP4Tensor
     x_col: NVFP4Tensor
     dy_row: Optional[NVFP4Tensor] = None
@@ -233,7 +233,8 @@ class _NVFP4LinearFn(torch.autograd.Function):
         y = _mm(ops.x_row, ops.w_row)
         if bias is not None:
             y = y + bias.float()
-        ctx.ops, ctx.recipe, ctx.generator = ops, recipe, generator
+        # the backward reads x's columnwise copy and the weight (x_row is fprop's alone)
+        ctx.ops, ctx.recipe, ctx.generator = dataclasses.replace(ops, x_row=None), recipe, generator
         ctx.shapes = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(weight)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -296,6 +297,38 @@ def training_operands(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, *
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     ops = _forward_operands(x2, weight.detach(), recipe)
     return _backward_operands(ops, dy.reshape(-1, weight.shape[0]).contiguous(), weight.detach(), recipe, generator)
+
+
+def nvfp4_training_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: torch.Tensor,
+                           down: torch.Tensor, *, recipe: Optional[NVFP4Recipe] = None,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Routed experts ``out[t] = sum_j w[t, j] * down[e](relu(up[e] @ x[t])^2)`` (``e = ids[t, j]``)
+    whose two GEMMs per touched expert are :func:`nvfp4_training_linear`: differentiable with respect
+    to x ``[T, H]``, the routing weights ``[T, k]`` and the float stacks ``up [E, I, H]`` /
+    ``down [E, H, I]``. Each expert's tokens form its own GEMM (their count is read once, a host
+    sync on CUDA); slots are fp32 and a token's k slots are summed in slot order, as in the
+    inference ops. Returns ``[T, H]`` in x's dtype."""
+    t, k = ids.shape
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=up.shape[0]).tolist()
+    w_flat = weights.reshape(-1)
+    rows_all, vals = [], []
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = order[start:start + c]
+        start += c
+        h = nvfp4_training_linear(x[rows // k], up[e], recipe=recipe, generator=generator)
+        h = torch.relu(h).square()
+        o = nvfp4_training_linear(h, down[e], recipe=recipe, generator=generator)
+        rows_all.append(rows)
+        vals.append(o.float() * w_flat[rows, None].float())
+    slots = x.new_zeros(t * k, up.shape[2], dtype=torch.float32)
+    if rows_all:
+        slots = slots.index_copy(0, torch.cat(rows_all), torch.cat(vals))
+    return slots.view(t, k, -1).sum(1).to(x.dtype)
 
 
 # ---- MXFP8 (Super's Mamba out_proj) ------------------------------------------------------------

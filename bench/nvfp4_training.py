@@ -1,0 +1,90 @@
+"""NVFP4 training: one linear's fprop + dgrad + wgrad against the bf16 ``nn.Linear``, and the fused
+rowwise + columnwise (RHT) quantize against the HBM roofline.
+
+``nvfp4_training_linear``: shapes (M, N, K), M the tokens of a step, on the Nemotron 3 Super linears.
+Work 3 * 2*M*N*K (three GEMMs). The NVFP4 path quantizes x, w and dy (both copies of x and dy) and
+runs its GEMMs on the dequantized, exactly representable values (the emulation of a Blackwell FP4
+GEMM; Hopper has no FP4 tensor cores), so its cost over bf16 is the quantizers plus fp32 GEMMs.
+
+``nvfp4_row_col_quantize``: shapes (M, K). Traffic as the kernels move it: the amax pass reads x
+(2 B/elt), the quantize pass reads x again and writes two copies of 0.5 + 1/16 B/elt.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import nemotron.nvfp4 as nvfp4
+
+from .harness import BenchOp
+
+# (N, K): in_proj, out_proj, shared expert up / down of Super
+SUPER_TRAINING_LINEARS = [(18560, 4096), (4096, 8192), (5376, 4096), (4096, 5376)]
+LINEAR_SHAPES = {
+    "nemotron": [(m, n, k) for n, k in SUPER_TRAINING_LINEARS for m in (2048, 8192)],
+    "smoke": [(256, 512, 512), (1024, 1024, 1024)],
+}
+QUANT_SHAPES = {
+    "nemotron": [(8192, 4096), (8192, 8192), (2048, 14336)],
+    "smoke": [(256, 512), (1024, 1024)],
+}
+
+
+def _linear_inputs(shape, device, seed):
+    m, n, k = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(n, k, device=device, generator=g) * 0.02).requires_grad_()          # fp32 master
+    w_bf16 = w.detach().to(torch.bfloat16).requires_grad_()
+    dy = (torch.randn(m, n, device=device, generator=g) * 1e-3).to(torch.bfloat16)
+    return x, w, w_bf16, dy
+
+
+RECIPE = nvfp4.NVFP4Recipe()
+
+
+def _nvfp4_step(x, w, w_bf16, dy):
+    nvfp4.nvfp4_training_linear(x, w, recipe=RECIPE).backward(dy)
+    x.grad = w.grad = None
+
+
+def _bf16_step(x, w, w_bf16, dy):
+    F.linear(x, w_bf16).backward(dy)
+    x.grad = w_bf16.grad = None
+
+
+def _verify_linear(args, outs):
+    """The NVFP4 step's gradients follow the bf16 ones (~10% NVFP4 noise per operand; 0.35 for a product)."""
+    x, w, w_bf16, dy = args
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    nvfp4.nvfp4_training_linear(xr, wr, recipe=RECIPE).backward(dy)
+    want = dy.float().T @ x.detach().float()
+    err = (wr.grad - want).norm() / want.norm()
+    if not err < 0.35:
+        raise AssertionError(f"nvfp4_training_linear: wgrad relative error {err:.3f} vs the unquantized one")
+    return []
+
+
+def _quant_inputs(shape, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(*shape, device=device, generator=g).to(torch.bfloat16),)
+
+
+def _row_col(impl: str, stochastic: bool):
+    return lambda x: torch.ops.nemotron.nvfp4_quantize_row_col(x, True, stochastic, 1, 2, impl)
+
+
+def ops() -> dict:
+    linear = BenchOp(
+        name="nvfp4_training_linear", shapes=LINEAR_SHAPES, make_inputs=_linear_inputs,
+        impls={"nvfp4_recipe": _nvfp4_step, "bf16_linear": _bf16_step}, peers=("bf16_linear",),
+        bytes=lambda s: 2 * s[0] * s[2] + 4 * s[1] * s[2] + 2 * s[0] * s[1], flops=lambda s: 6 * s[0] * s[1] * s[2],
+        verify=_verify_linear)
+    # the interpreter runs the Triton kernel as Python: on CPU only the torch path is timed
+    impls = {"torch_rn": _row_col("torch", False), "torch_sr": _row_col("torch", True)}
+    if torch.cuda.is_available():
+        impls = {"triton_rn": _row_col("triton", False), "triton_sr": _row_col("triton", True), **impls}
+    quant = BenchOp(
+        name="nvfp4_row_col_quantize", shapes=QUANT_SHAPES, make_inputs=_quant_inputs, impls=impls,
+        peers=("torch_rn",), bytes=lambda s: s[0] * s[1] * (2 + 2 + 2 * (0.5 + 1 / 16)))
+    return {linear.name: linear, quant.name: quant}
