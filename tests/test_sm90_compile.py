@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent('''
     from nemotron.ssm_kernels.triton import conv1d, gated_rmsnorm, ssd, state_update
     from nemotron.moe_kernels.triton import grouped_gemm as moe
     from nemotron.nvfp4.triton import norm_quantize as nq
+    from nemotron.nvfp4.triton import row_col as rc
 
     FLOATS = {"dt_lo", "dt_hi", "eps"}
 
@@ -81,6 +82,12 @@ SCRIPT = textwrap.dedent('''
     nq_types = {"x_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*u8"}
     for has_z, gs, gb, bm in [(False, 4096, 4096, 1), (True, 1024, 1024, 4), (False, 2688, 4096, 1)]:
         done.append(compile_one(nq._norm_quantize_fwd_kernel, dict(HAS_Z=has_z, GS=gs, GB=gb, BM=bm), nq_types))
+    rc_types = {"x_ptr": "*bf16", **{n: "*u8" for n in ("row_codes_ptr", "row_scales_ptr", "col_codes_ptr",
+                                                         "col_scales_ptr")}}
+    done.append(compile_one(rc._row_col_amax_fwd_kernel, dict(HADAMARD=True, BM=rc.BM, BK=rc.BK), rc_types))
+    for had, sr in [(True, True), (False, False)]:
+        done.append(compile_one(rc._row_col_quantize_fwd_kernel, dict(HADAMARD=had, STOCHASTIC=sr, BM=rc.BM, BK=rc.BK),
+                                rc_types))
     print("compiled", len(done), "kernels:", ", ".join(sorted(set(done))))
 ''')
 
@@ -89,4 +96,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 22 kernels" in r.stdout, r.stdout
+    assert "compiled 25 kernels" in r.stdout, r.stdout

@@ -12,6 +12,7 @@ import torch
 
 from .. import dispatch
 from ..dispatch import FLOAT_DTYPES as _FLOAT_DTYPES
+from . import fast
 from . import reference as ref
 from .format import BLOCK_SHAPES, NVFP4Tensor
 from .triton import gemm as gemm_kernels
@@ -36,7 +37,8 @@ def _(x, hadamard, impl=""):
 def _quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], tile_rows: int, stochastic: bool,
                  seed: int, hadamard: bool, impl: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = dict(tile_rows=tile_rows, global_scale=global_scale, stochastic=stochastic, seed=seed, hadamard=hadamard)
-    run = kernels.quantize if dispatch.choose("nvfp4_quantize", x, impl).name == "triton" else ref.quantize_reference
+    name = dispatch.choose("nvfp4_quantize", x, impl).name
+    run = kernels.quantize if name == "triton" else fast.quantize if name == "torch" else ref.quantize_reference
     codes, scales, gs = run(x, **args)
     return codes, scales.view(torch.uint8), gs  # E4M3 scales travel as their bytes (opcheck has no fp8 math)
 
@@ -193,7 +195,7 @@ def quantize(x: torch.Tensor, *, block_shape=(1, 16), global_scale=None, roundin
         global_scale: the decode scale S_dec (a float or one-element fp32 tensor, e.g. a static
             ``input_scale``); default: ``amax(x) / 2688`` over the finite elements of x.
         rounding: ``"nearest"`` (round-to-nearest-even, bit-identical to Transformer Engine) or
-            ``"stochastic"`` (unbiased; Philox bits seeded from ``generator``).
+            ``"stochastic"`` (unbiased; counter-hash bits, ``reference.sr_uniform``, seeded from ``generator``).
         hadamard: first apply :func:`hadamard` (the RHT, rounded to x's dtype); fused in the kernel.
         generator: seeds stochastic rounding (default: torch's global CPU generator).
 

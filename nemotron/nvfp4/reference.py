@@ -23,8 +23,24 @@ For finite inputs the bytes equal Transformer Engine's round-to-nearest quantize
 
 Stochastic rounding: |x * inv| (saturated at 6) between grid points lo < hi rounds up with
 probability (v - lo) / (hi - lo): ``q = floor((v + u * step) / step) * step`` with the grid step of
-the binade (0.5 below 2, 1 below 4, else 2) and u uniform in [0, 1) with 24 bits, drawn from
-Triton's Philox4x32-10 (``tl.randint(seed, element_index)``), reimplemented here bit for bit.
+the binade (0.5 below 2, 1 below 4, else 2) and u = :func:`sr_uniform` ``(seed, element_index)``, the
+element's index in the row-major ``[..., K]`` tensor. ``sr_uniform`` is a counter-based hash, cheap on
+every device (the Triton kernels compute it with uint32 arithmetic), defined with all arithmetic
+mod 2^32:
+
+    mix(v, k) = v ^= v >> 16;  v *= 0x21F0AAAD;  v ^= k;  v ^= v >> 15;  v *= 0x735A2D97;  v ^= v >> 15
+    seed as 64 bits (two's complement): s_lo, s_hi = its low and high words
+    k0 = mix(s_lo, s_hi);  k1 = mix(k0 ^ 0x9E3779B9, s_hi)
+    idx (>= 0, below 2^63): lo, hi = its low and high words
+    h  = mix(lo ^ (hi * 0x61C88647) ^ k0, k1)
+    u  = (h >> 8) * 2^-24                                             (the top 24 bits; exact in fp32)
+
+``mix`` is a two-multiply avalanche hash of the lowbias32 family (xorshifts 16, 15, 15 around odd
+multipliers), a bijection of 32-bit words for each k. The key k0 enters with the index; k1, xored in
+between the multiplies, keeps two seeds' streams from being copies of one another at indices xored
+by k0 ^ k0'. 0x9E3779B9 and 0x61C88647 = 2^32 - 0x9E3779B9 are the golden-ratio words. The
+multipliers are below 2^31, so a 32-bit value times one is below 2^63: in torch its low 32 bits are
+exact in int64, without overflow.
 
 Random Hadamard transform: each consecutive 16-element block of the last dim is multiplied by
 ``diag(s) @ H16 / 4`` (H16 the Sylvester Hadamard matrix, s Transformer Engine's fixed sign vector),
@@ -129,38 +145,42 @@ def e2m1_magnitude_stochastic(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 _M32 = 0xFFFFFFFF
+SR_MUL1, SR_MUL2 = 0x21F0AAAD, 0x735A2D97     # mix's multipliers (each < 2**31)
+SR_HI_MUL = 0x61C88647                        # folds an index's high word in (< 2**31)
+SR_KEY_SALT = 0x9E3779B9                      # k1 = mix(k0 ^ salt, s_hi)
 
 
-def _mul32(a: int, b: torch.Tensor):
-    """(high, low) 32-bit halves of a * b for a 32-bit constant a and 32-bit values b in int64."""
-    ah, al = a >> 16, a & 0xFFFF
-    hb, lb = ah * b, al * b                      # each < 2**48
-    hi = (hb + (lb >> 16)) >> 16
-    lo = ((hb & 0xFFFF) << 16) + lb
-    return hi & _M32, lo & _M32
+def _mix32(v, k):
+    """``mix(v, k)`` of the module docstring for v, k in [0, 2**32): Python ints or int64 tensors.
+
+    Each product is of a value below 2**32 and a multiplier below 2**31, so it is exact in int64."""
+    v = v ^ (v >> 16)
+    v = (v * SR_MUL1) & _M32
+    v = v ^ k
+    v = v ^ (v >> 15)
+    v = (v * SR_MUL2) & _M32
+    return v ^ (v >> 15)
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0), key = seed.
+def sr_keys(seed: int) -> tuple[int, int]:
+    """The two 32-bit keys ``(k0, k1)`` of :func:`sr_uniform` for ``seed`` (taken as 64 bits)."""
+    s_lo, s_hi = seed & _M32, (seed >> 32) & _M32
+    k0 = _mix32(s_lo, s_hi)
+    return k0, _mix32(k0 ^ SR_KEY_SALT, s_hi)
 
-    Equals Triton's ``tl.randint(seed, offsets)`` for int64 offsets; returned as int64 in [0, 2**32).
+
+def sr_uniform(seed: int, idx: torch.Tensor) -> torch.Tensor:
+    """The stochastic-rounding uniform u in [0, 1) (24 bits, fp32) of each element index ``idx``.
+
+    ``idx``: an int64 tensor of indices in [0, 2**63). Defined in the module docstring; the Triton
+    kernels' ``_sr_uniform(seed, idx)`` returns the same bits.
     """
-    c0 = offsets & _M32
-    c1 = (offsets >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul32(0xCD9E8D57, c2)
-        hi_a, lo_a = _mul32(0xD2511F53, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return c0
-
-
-def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
-    """u in [0, 1) from the top 24 bits of a 32-bit random word (exact in fp32)."""
-    return (r >> 8).float() * (2.0 ** -24)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"idx: expected an int64 tensor, got {idx.dtype}")
+    k0, k1 = sr_keys(int(seed))
+    lo, hi = idx & _M32, idx >> 32
+    h = _mix32(lo ^ ((hi * SR_HI_MUL) & _M32) ^ k0, k1)
+    return (h >> 8).float() * (2.0 ** -24)
 
 
 def _as_tiles(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
@@ -204,7 +224,7 @@ def quantize_reference(x: torch.Tensor, *, tile_rows: int = 1, global_scale: tor
     y = xt * inv.repeat_interleave(BLOCK, dim=-1)
     if stochastic:
         idx = torch.arange(xt.numel(), dtype=torch.int64, device=x.device).reshape(xt.shape)
-        mag = e2m1_magnitude_stochastic(y.abs(), uniform_from_bits(philox_randint(seed, idx)))
+        mag = e2m1_magnitude_stochastic(y.abs(), sr_uniform(seed, idx))
     else:
         mag = e2m1_magnitude_nearest(y.abs())
     code = mag + 8 * torch.signbit(xt).int()

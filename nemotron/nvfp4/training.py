@@ -47,8 +47,11 @@ from torch import nn
 
 from .. import dispatch
 from ..dispatch import FLOAT_DTYPES
+from . import fast
+from . import reference as ref
 from .format import NVFP4Tensor
 from .ops import _dequantize_op, _quantize_op
+from .triton import row_col
 
 # ---- the recipe ------------------------------------------------------------------------------
 
@@ -122,15 +125,15 @@ def _row_col_op(x: torch.Tensor, hadamard_col: bool, stochastic: bool, seed_row:
                                          torch.Tensor]:
     """Both NVFP4 copies of a 2-D ``x [M, K]`` (M, K multiples of 16) that a training backward reads:
     ``quantize(x)`` and ``quantize(x.T, hadamard=hadamard_col)``, with the given SR seeds."""
-    if dispatch.choose("nvfp4_quantize_row_col", x, impl).name == "triton":
-        from .triton import row_col
+    name = dispatch.choose("nvfp4_quantize_row_col", x, impl).name
+    if name == "triton":
         rc, rs, rg, cc, cs, cg = row_col.quantize_row_col(x, hadamard_col=hadamard_col, stochastic=stochastic,
                                                           seed_row=seed_row, seed_col=seed_col)
-        return rc, rs.view(torch.uint8), rg, cc, cs.view(torch.uint8), cg
-    sub = "" if impl != "reference" else "reference"
-    rc, rs, rg = _quantize_op(x, None, 1, stochastic, seed_row, False, sub)
-    cc, cs, cg = _quantize_op(x.t().contiguous(), None, 1, stochastic, seed_col, hadamard_col, sub)
-    return rc, rs, rg, cc, cs, cg
+    else:                   # the two quantizes of the definition, by the fast path or the reference
+        run = fast.quantize if name == "torch" else ref.quantize_reference
+        rc, rs, rg = run(x, stochastic=stochastic, seed=seed_row)
+        cc, cs, cg = run(x.t().contiguous(), stochastic=stochastic, seed=seed_col, hadamard=hadamard_col)
+    return rc, rs.view(torch.uint8), rg, cc, cs.view(torch.uint8), cg
 
 
 @_row_col_op.register_fake

@@ -7,6 +7,7 @@ from hypothesis import example, given, strategies as st
 
 import nemotron.nvfp4 as nvfp4
 from nemotron import dispatch
+from nemotron.nvfp4 import fast
 from nemotron.nvfp4 import reference as ref
 from nemotron.nvfp4.triton import quantize as kernels
 
@@ -21,10 +22,10 @@ def _public(x, **kw):
     return t.codes, t.block_scales, t.global_scale
 
 
-# The implementations compared with the reference: the kernels (CUDA, or the interpreter on CPU)
-# and the public op (the dispatch). Stochastic rounding through the public API draws its Philox
-# seed from the generator, so the comparison re-derives that seed.
-IMPLS = {"triton": kernels.quantize, "public": _public}
+# The implementations compared with the reference: the kernels (CUDA, or the interpreter on CPU),
+# the fast plain-torch path and the public op (the dispatch). Stochastic rounding through the public
+# API draws its seed from the generator, so the comparison re-derives that seed.
+IMPLS = {"triton": kernels.quantize, "torch": fast.quantize, "public": _public}
 
 
 def _seed_for(impl, seed):
@@ -155,6 +156,8 @@ def test_forcing_selects_the_kernels(kernel_device):
         assert dispatch.choose("nvfp4_quantize", x, record=False).name == "triton"
     with dispatch.use("reference"):
         assert dispatch.choose("nvfp4_quantize", x, record=False).name == "reference"
+    with dispatch.use("torch"):
+        assert dispatch.choose("nvfp4_quantize", x, record=False).name == "torch"
 
 
 @pytest.mark.parametrize("call, match", [

@@ -3,9 +3,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 
 from nemotron.nvfp4 import reference as ref
+from nemotron.nvfp4.triton.quantize import _sr_uniform
 
 from ..close import assert_close, assert_equal, max_abs
 from ..strategies import nvfp4_inputs, seeds
@@ -121,26 +124,79 @@ def test_zero_tensor_and_zero_block():
     assert gs.item() == 1.0 and (codes == 0).all() and (scales.view(torch.uint8) == 0).all()
 
 
-def test_philox_matches_triton_randint(kernel_device):
-    import triton
-    import triton.language as tl
+# indices around the 2^31 / 2^32 words and far beyond, as the kernels form them (int64)
+_BIG_IDX = torch.cat([torch.arange(64), 2**31 - 2 + torch.arange(4), 2**32 - 2 + torch.arange(4),
+                      torch.tensor([2**40 + 7, 2**62 + 12345, 2**63 - 1])])
 
-    @triton.jit
-    def _randint_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
-        o = tl.arange(0, BLOCK).to(tl.int64) * 0x10001 + (1 << 33)
-        tl.store(out_ptr + tl.arange(0, BLOCK), tl.randint(seed, o).to(tl.int64) & 0xFFFFFFFF,
-                 mask=tl.arange(0, BLOCK) < n)
 
-    out = torch.empty(64, dtype=torch.int64, device=kernel_device)
-    _randint_kernel[(1,)](out, 987654321, 64, BLOCK=64)
-    offs = torch.arange(64, dtype=torch.int64) * 0x10001 + (1 << 33)
-    assert_equal(out, ref.philox_randint(987654321, offs))
+@triton.jit
+def _sr_kernel(out_ptr, idx_ptr, seed, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    m = o < n
+    tl.store(out_ptr + o, _sr_uniform(seed, tl.load(idx_ptr + o, mask=m, other=0)), mask=m)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**31, 2**32 + 7, 2**63 + 3, -5])
+def test_sr_uniform_matches_the_triton_hash(kernel_device, seed):
+    """The kernels' ``_sr_uniform`` returns the reference's bits for every seed width Triton passes
+    (int32, uint32 and int64 / uint64 arguments) and for indices beyond 2^32."""
+    n = _BIG_IDX.numel()
+    out = torch.empty(n, device=kernel_device)
+    _sr_kernel[(1,)](out, _BIG_IDX.to(kernel_device), seed, n, BLOCK=128)
+    # a seed is taken as 64 bits, so 2^63 + 3 is the int64 -2^63 + 3
+    assert_equal(out, ref.sr_uniform(seed - 2**64 if seed >= 2**63 else seed, _BIG_IDX))
+
+
+def test_sr_uniform_known_answers():
+    """Pins the definition (new random bits would change what a seed means), and checks mix and the
+    key / word folding against Python's exact integers."""
+    def mix(v, k):
+        v ^= v >> 16
+        v = v * ref.SR_MUL1 % 2**32 ^ k
+        v ^= v >> 15
+        v = v * ref.SR_MUL2 % 2**32
+        return v ^ (v >> 15)
+
+    def hash_u(seed, i):
+        s_lo, s_hi = seed % 2**32, seed // 2**32 % 2**32
+        k0 = mix(s_lo, s_hi)
+        k1 = mix(k0 ^ ref.SR_KEY_SALT, s_hi)
+        return mix(i % 2**32 ^ (i // 2**32 * ref.SR_HI_MUL % 2**32) ^ k0, k1) >> 8
+
+    for seed, idx, want in ((0, [0, 1, 2, 2**32 + 5], [13862608, 5292647, 16200658, 15658258]),
+                            (2**40 + 3, [0, 1, 2**63 - 1], [4763000, 6669898, 9176980])):
+        got = ref.sr_uniform(seed, torch.tensor(idx)) * 2**24
+        assert got.tolist() == want == [hash_u(seed, i) for i in idx]
+    v = torch.tensor([0, 1, 0x12345678, 2**32 - 1])
+    assert ref._mix32(v, 0xABCDEF01).tolist() == [mix(int(i), 0xABCDEF01) for i in v]   # int64: no overflow
+
+
+def test_sr_uniform_is_statistically_sane():
+    """2^20 draws: uniform mean / variance, uniform histogram, no neighbour, stride or seed correlation,
+    each of the 24 bits fair. Bounds are 5 sigma of the statistic for independent uniforms."""
+    n = 1 << 20
+    idx = torch.arange(n)
+    u = ref.sr_uniform(1234, idx).double()
+    assert ((u >= 0) & (u < 1)).all() and torch.equal(u, torch.floor(u * 2**24) / 2**24)
+    assert abs(u.mean().item() - 0.5) < 5 / (12 * n) ** 0.5
+    assert abs(u.var().item() * 12 - 1) < 5 * 12 / (180 * n) ** 0.5     # sd of a sample variance: 1/sqrt(180 n)
+    counts = torch.histc(u.float(), bins=256, min=0, max=1).double()
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+    assert chi2 < 255 + 5 * (2 * 255) ** 0.5                 # chi-square, 255 dof
+    corr = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()   # noqa: E731
+    for lag in (1, 2, 16, 4096):                             # neighbours, a block, a row apart
+        assert abs(corr(u[:-lag], u[lag:])) < 5 / n ** 0.5
+    for other in (1235, 0, 1234 + 2**32):                    # a seed one apart, zero, a high word apart
+        assert abs(corr(u, ref.sr_uniform(other, idx).double())) < 5 / n ** 0.5
+    bits = (u * 2**24).long()
+    ones = torch.stack([(bits >> b) & 1 for b in range(24)]).double().mean(1)
+    assert ((ones - 0.5).abs() < 5 * (0.25 / n) ** 0.5).all(), ones
 
 
 @given(seeds)
 def test_stochastic_rounding_lands_on_a_neighbour(seed):
     y = torch.rand(4096) * 7
-    u = ref.uniform_from_bits(ref.philox_randint(seed, torch.arange(4096)))
+    u = ref.sr_uniform(seed, torch.arange(4096))
     q = GRID[ref.e2m1_magnitude_stochastic(y, u)]
     lo = GRID[(GRID[None, :] <= y.clamp(max=6).double()[:, None]).sum(1) - 1]
     hi = GRID[torch.searchsorted(GRID, y.clamp(max=6).double())]

@@ -18,9 +18,36 @@ from ..reference import global_scales
 # globals a kernel reads must be constexpr
 FLT_MAX = tl.constexpr(ref.FLT_MAX)
 HADAMARD_SIGN_MASK = tl.constexpr(ref.HADAMARD_SIGN_MASK)
+SR_MUL1, SR_MUL2 = tl.constexpr(ref.SR_MUL1), tl.constexpr(ref.SR_MUL2)
+SR_HI_MUL, SR_KEY_SALT = tl.constexpr(ref.SR_HI_MUL), tl.constexpr(ref.SR_KEY_SALT)
 
 # Tile sizes: BM rows x NB blocks of 16. BM is a multiple of 16 so a 16x16 tile never straddles programs.
 BM, NB, NUM_WARPS = 32, 8, 4
+
+
+@triton.jit
+def _mix32(v, k):
+    """reference.mix on uint32 v and k (uint32 products wrap mod 2^32; shifts are logical)."""
+    v = v ^ (v >> 16)
+    v = v * SR_MUL1
+    v = v ^ k
+    v = v ^ (v >> 15)
+    v = v * SR_MUL2
+    return v ^ (v >> 15)
+
+
+@triton.jit
+def _sr_uniform(seed, idx):
+    """reference.sr_uniform: the stochastic-rounding u in [0, 1) (fp32, 24 bits) of element indices idx
+    (int64, >= 0) under an integer ``seed`` (taken as 64 bits)."""
+    # (+ 0: the interpreter holds an int in [2^31, 2^32) as a numpy uint32 under an int64 type)
+    s = tl.cast(seed, tl.int64) + 0
+    s_lo, s_hi = s.to(tl.uint32), (s >> 32).to(tl.uint32)
+    k0 = _mix32(s_lo, s_hi)
+    k1 = _mix32(k0 ^ SR_KEY_SALT, s_hi)
+    idx = tl.cast(idx, tl.int64)
+    v = idx.to(tl.uint32) ^ ((idx >> 32).to(tl.uint32) * SR_HI_MUL) ^ k0
+    return (_mix32(v, k1) >> 8).to(tl.float32) * 5.9604644775390625e-08      # 2^-24
 
 
 @triton.jit
@@ -208,7 +235,7 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
     o_e = tl.arange(0, 16)
     if STOCHASTIC:
         o_idx = o_row[:, None, None] * K + (o_b[None, :, None] * 16 + o_e[None, None, :])
-        b_u = (tl.randint(seed, o_idx) >> 8).to(tl.float32) * 5.9604644775390625e-08   # 2^-24
+        b_u = _sr_uniform(seed, o_idx)
         b_y = tl.minimum(b_y, 6.0)
         b_step = tl.where(b_y < 2.0, 0.5, tl.where(b_y < 4.0, 1.0, 2.0))
         b_q = tl.minimum(tl.floor((b_y + b_u * b_step) * (1.0 / b_step)) * b_step, 6.0)
