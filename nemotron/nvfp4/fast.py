@@ -298,3 +298,22 @@ def quantize(x: torch.Tensor, *, tile_rows: int = 1, global_scale: torch.Tensor 
     if bool(bnan.any()):
         codes.view(m, nb, ref.BLOCK // 2)[bnan] = 0                    # a NaN block's codes are 0
     return codes, scale.view(torch.float8_e4m3fn).reshape(*shape[:-1], nb), s_dec
+
+
+def dequantize(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``reference.dequantize_reference`` bit for bit, without a table lookup.
+
+    An E2M1 code ``s e1 e0 m`` placed at fp16 bits 15 and 11..9 (sign, the exponent's low two bits,
+    the mantissa's top bit) is an fp16 of exactly 2^-14 times the code's value, normal and
+    subnormal alike (the E2M1 exponent bias is 1, fp16's 15), so ``fp16 * 2^14`` is the value and
+    ``value * (fp32(scale) * global_scale)`` is the reference's one rounding.
+    """
+    c = codes.to(torch.int16)
+    lo = ((c & 0x08) << 12) | ((c & 0x07) << 9)
+    hi = ((c & 0x80) << 8) | ((c & 0x70) << 5)
+    k = 2 * codes.shape[-1]
+    v = torch.stack([lo, hi], -1).view(torch.float16).float()
+    s = block_scales.float() * global_scale.float().reshape(())
+    v = v.view(*codes.shape[:-1], k // 16, 16).mul_(16384.0).mul_(s[..., None])
+    return v.view(*codes.shape[:-1], k).to(dtype)

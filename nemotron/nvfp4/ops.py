@@ -55,9 +55,9 @@ def _(x, global_scale, tile_rows, stochastic, seed, hadamard, impl=""):
 def _dequantize_op(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                    dtype: torch.dtype, impl: str = "") -> torch.Tensor:
     block_scales = block_scales.view(torch.float8_e4m3fn)
-    if dispatch.choose("nvfp4_dequantize", codes, impl).name == "triton":
-        return kernels.dequantize(codes, block_scales, global_scale, dtype)
-    return ref.dequantize_reference(codes, block_scales, global_scale, dtype)
+    name = dispatch.choose("nvfp4_dequantize", codes, impl).name
+    run = kernels.dequantize if name == "triton" else fast.dequantize if name == "torch" else ref.dequantize_reference
+    return run(codes, block_scales, global_scale, dtype)
 
 
 @_dequantize_op.register_fake

@@ -153,3 +153,24 @@ def test_cpu_dispatch_runs_the_fast_path(inp, stochastic, seed):
     assert ran == [("nvfp4_quantize", "torch")]
     s = int(torch.randint(0, 2**31 - 1, (), generator=torch.Generator().manual_seed(seed)).item())
     _assert_same((t.codes, t.block_scales, t.global_scale), ref.quantize_reference(x, stochastic=stochastic, seed=s))
+
+
+def test_dequantize_every_code_and_scale_equals_the_reference():
+    """All 256 code bytes against all 256 E4M3 scale bytes (NaN included) and hostile global scales."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(256, 8)                       # [256, 2048]
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 256).contiguous().view(torch.float8_e4m3fn)
+    for gs in (1.0, 2.0 ** -30, 3.7e-4, 1e30):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            g = torch.tensor(gs)
+            want = ref.dequantize_reference(codes, scales, g, dtype)
+            assert_equal(fast.dequantize(codes, scales, g, dtype), want, equal_nan=True, what=f"gs={gs} {dtype}")
+
+
+@given(x=hostile(), tile=st.sampled_from([1, 16]))
+@settings(max_examples=20, deadline=None)
+def test_cpu_dequantize_runs_the_fast_path(x, tile):
+    t = nvfp4.quantize(x, block_shape=(tile, 16))
+    with dispatch.trace() as ran:
+        got = t.dequantize(torch.float32)
+    assert ("nvfp4_dequantize", "torch") in ran
+    assert_equal(got, ref.dequantize_reference(t.codes, t.block_scales, t.global_scale), equal_nan=True)
