@@ -7,11 +7,19 @@ Shape: (T, E, k, l, I) with Super's E 512, k 22, l 1024, I 2688. Traffic model: 
 experts' NVFP4 bytes (expected touched = E * (1 - (1 - k/E)^T) under uniform routing; 0.5625 B per
 weight, two projections) + x and out in bf16; work 2 * T * k * 2 * I * l. So ``pct_roofline`` of a
 bf16 impl is measured against the NVFP4 floor: the decode goal counts only NVFP4 weight bytes.
+
+``moe_layer``: the whole LatentMoE layer (router, latent projections, routed and shared experts)
+against HF transformers' ``NemotronHMoE`` holding the same weights, with its ``eager`` experts
+loop and its ``grouped_mm`` experts (what an HF model picks by default), and against our layer on
+the fp64 reference experts. Shape (T, H, E, k, I, shared I, l); the ``decode`` set is the demo's
+tiny layer and a mid-size one at a few tokens. Weights fp32 on CPU, bf16 on CUDA; the traffic
+model counts the touched weights in fp32.
 """
 from __future__ import annotations
 
 import torch
 
+from nemotron import dispatch
 from nemotron import moe_kernels as mk
 from nemotron.moe_kernels import reference as ref
 
@@ -149,6 +157,113 @@ def _bytes(s):
     return touched * 2 * inter * lat * 0.5625 + 2 * t * lat * 2
 
 
+# ---- the layer: ours against HF transformers' NemotronHMoE -----------------------------------------
+
+TINY = (64, 8, 3, 32, 48, 32)                    # the demo's tiny preset: H, E, k, I, shared I, l
+MID = (1024, 64, 6, 512, 1024, 256)
+LAYER_SHAPES = {
+    "nemotron": [(t, 4096, 512, 22, 2688, 5376, 1024) for t in (1, 8)],
+    "decode": [(t, *TINY) for t in (1, 2, 4, 8)] + [(t, *MID) for t in (1, 4)],
+    "smoke": [(1, *TINY), (3, 48, 6, 2, 32, 16, 16)],
+}
+_LAYERS: dict = {}
+
+
+def _layers(shape, device):
+    """Our layer and HF's two experts implementations with the same random weights, built once per shape."""
+    from transformers.models.nemotron_h import modeling_nemotron_h as hf
+    from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+
+    key = (shape[1:], str(device))
+    if key not in _LAYERS:
+        _LAYERS.clear()
+        _, hid, e, k, inter, shared, lat = shape
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        mods = {}
+        for impl in ("eager", "grouped_mm"):
+            cfg = NemotronHConfig(hidden_size=hid, n_routed_experts=e, num_experts_per_tok=k,
+                                  moe_intermediate_size=inter, moe_shared_expert_intermediate_size=shared,
+                                  moe_latent_size=lat,
+                                  mlp_hidden_act="relu2", layers_block_type=["moe"], num_hidden_layers=1,
+                                  routed_scaling_factor=2.5)
+            cfg._experts_implementation = impl
+            mods[impl] = hf.NemotronHMoE(cfg)
+        g = torch.Generator().manual_seed(0)
+        sd = {n: torch.randn(v.shape, generator=g) / v.shape[-1] ** 0.5 for n, v in mods["eager"].state_dict().items()}
+        sd["gate.e_score_correction_bias"] = torch.randn(e, generator=g) * 0.05
+        ours = mk.LatentMoE.from_config(cfg)
+        for m in (*mods.values(), ours):
+            m.load_state_dict(sd)
+            m.to(device=device, dtype=dtype).eval()
+            m.gate.to(torch.float32)                       # HF's router stays fp32 (fp32 logits either way)
+        _LAYERS[key] = (ours, mods["eager"], mods["grouped_mm"])
+    return _LAYERS[key]
+
+
+def _layer_inputs(shape, device, seed):
+    ours, hf_eager, hf_grouped = _layers(shape, device)
+    g = torch.Generator().manual_seed(seed + 1)
+    h = torch.randn(shape[0], shape[1], generator=g).to(device=device, dtype=next(ours.parameters()).dtype)
+    return h, ours, hf_eager, hf_grouped
+
+
+def _ours(h, ours, hf_eager, hf_grouped):
+    with torch.no_grad():
+        return ours(h)
+
+
+def _ours_reference(h, ours, hf_eager, hf_grouped):
+    with torch.no_grad(), dispatch.use("reference"):
+        return ours(h)
+
+
+def _hf_eager(h, ours, hf_eager, hf_grouped):
+    with torch.no_grad():
+        return hf_eager(h)
+
+
+def _hf_grouped(h, ours, hf_eager, hf_grouped):
+    with torch.no_grad():
+        return hf_grouped(h)
+
+
+def _verify_layer(args, outs):
+    """Ours against our layer on the fp64 reference experts; the HF peers flagged where they differ."""
+    want = _ours_reference(*args)
+    # fp32 (bf16 on CUDA) throughout, the same math in other summation orders
+    tol = (1e-5 if want.dtype == torch.float32 else 2e-2) * want.abs().max().item()
+    differ = []
+    for name, out in outs.items():
+        if not bool(((out.float() - want.float()).abs() <= tol).all()):
+            if name.startswith("ours"):
+                raise AssertionError(f"{name}: differs from the reference layer; not timing a wrong layer")
+            differ.append(name)
+    return differ
+
+
+def _layer_bytes(s):
+    t, hid, e, k, inter, shared, lat = s
+    touched = e * (1 - (1 - k / e) ** t)
+    return 4 * (e * hid + 2 * hid * lat + touched * 2 * inter * lat + 2 * hid * shared + 2 * t * hid)
+
+
+def _layer_flops(s):
+    t, hid, e, k, inter, shared, lat = s
+    return 2 * t * (e * hid + 2 * hid * lat + k * 2 * inter * lat + 2 * hid * shared)
+
+
+def _layer_op():
+    try:
+        from transformers.models.nemotron_h import modeling_nemotron_h  # noqa: F401
+    except ImportError:
+        return None
+    return BenchOp(name="moe_layer", shapes=LAYER_SHAPES, make_inputs=_layer_inputs,
+                   impls={"ours": _ours, "ours_reference": _ours_reference, "hf_eager": _hf_eager,
+                          "hf_grouped_mm": _hf_grouped},
+                   peers=("hf_eager", "hf_grouped_mm", "ours_reference"), bytes=_layer_bytes, flops=_layer_flops,
+                   verify=_verify_layer)
+
+
 def ops() -> dict:
     impls = {"triton_nvfp4": _triton_nvfp4, "triton_bf16": _triton_dense, "grouped_mm": _grouped_mm, "loop": _loop}
     cutlass_peer = _cutlass_grouped_mm()
@@ -157,4 +272,5 @@ def ops() -> dict:
     op = BenchOp(name="moe_experts", shapes=SHAPES, make_inputs=_inputs, impls=impls,
                  peers=("grouped_mm", "cutlass_grouped", "loop"), bytes=_bytes,
                  flops=lambda s: 2 * s[0] * s[2] * 2 * s[4] * s[3], verify=_verify)
-    return {op.name: op}
+    layer = _layer_op()
+    return {op.name: op, **({layer.name: layer} if layer is not None else {})}

@@ -1,5 +1,5 @@
-"""NVFP4 training: one linear's fprop + dgrad + wgrad against the bf16 ``nn.Linear``, and the fused
-rowwise + columnwise (RHT) quantize against the HBM roofline.
+"""NVFP4 training: one linear's fprop + dgrad + wgrad against the bf16 ``nn.Linear``, the fused
+rowwise + columnwise (RHT) quantize against the HBM roofline, and a whole model's training step.
 
 ``nvfp4_training_linear``: shapes (M, N, K), M the tokens of a step, on the Nemotron 3 Super linears.
 Work 3 * 2*M*N*K (three GEMMs). The NVFP4 path quantizes x, w and dy (both copies of x and dy) and
@@ -8,6 +8,10 @@ GEMM; Hopper has no FP4 tensor cores), so its cost over bf16 is the quantizers p
 
 ``nvfp4_row_col_quantize``: shapes (M, K). Traffic as the kernels move it: the amax pass reads x
 (2 B/elt), the quantize pass reads x again and writes two copies of 0.5 + 1/16 B/elt.
+
+``nvfp4_training_step``: shapes (batch, tokens); forward + backward of the tiny hybrid model (every
+layer kind, MoE with a latent, MTP unused) in fp32 (the CPU baseline: bf16 matmuls on CPU do not
+accumulate into fp32 outputs) and under the NVFP4 recipe, Super's carve-outs and none.
 """
 from __future__ import annotations
 
@@ -45,12 +49,14 @@ RECIPE = nvfp4.NVFP4Recipe()
 
 def _nvfp4_step(x, w, w_bf16, dy):
     nvfp4.nvfp4_training_linear(x, w, recipe=RECIPE).backward(dy)
-    x.grad = w.grad = None
+    dw, x.grad, w.grad = w.grad, None, None
+    return dw
 
 
 def _bf16_step(x, w, w_bf16, dy):
     F.linear(x, w_bf16).backward(dy)
-    x.grad = w_bf16.grad = None
+    dw, x.grad, w_bf16.grad = w_bf16.grad, None, None
+    return dw
 
 
 def _verify_linear(args, outs):
@@ -87,4 +93,45 @@ def ops() -> dict:
     quant = BenchOp(
         name="nvfp4_row_col_quantize", shapes=QUANT_SHAPES, make_inputs=_quant_inputs, impls=impls,
         peers=("torch_rn",), bytes=lambda s: s[0] * s[1] * (2 + 2 + 2 * (0.5 + 1 / 16)))
-    return {linear.name: linear, quant.name: quant}
+    return {linear.name: linear, quant.name: quant, **_step_ops()}
+
+
+# ---- a whole training step ------------------------------------------------------------------
+
+STEP_SHAPES = {"nemotron": [(4, 128), (8, 256)], "smoke": [(4, 128)]}
+
+
+def _step_inputs(shape, device, seed):
+    """(models by recipe, ids): the tiny preset with 16 Mamba heads (every width a multiple of 16)."""
+    import copy
+
+    import nemotron
+    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
+    from nemotron.model.config import PRESETS
+    cfg = NemotronHConfig(**dict(PRESETS["tiny"], mamba_num_heads=16, mamba_head_dim=4))
+    base = NemotronHForCausalLM.random(cfg, seed=seed, device=device)
+    models = {"fp32": base,
+              "nvfp4_nemotron3": nemotron.prepare_training_(copy.deepcopy(base), nvfp4.NVFP4Recipe.nemotron3()),
+              "nvfp4_all": nemotron.prepare_training_(copy.deepcopy(base), nvfp4.NVFP4Recipe())}
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, shape, device=device, generator=g)
+    return models, ids
+
+
+def _train_step(recipe: str):
+    def step(models, ids):
+        model = models[recipe]
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def _step_ops() -> dict:
+    op = BenchOp(
+        name="nvfp4_training_step", shapes=STEP_SHAPES, make_inputs=_step_inputs,
+        impls={r: _train_step(r) for r in ("fp32", "nvfp4_nemotron3", "nvfp4_all")}, peers=("fp32",),
+        bytes=lambda s: 0)
+    return {op.name: op}

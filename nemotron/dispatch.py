@@ -194,6 +194,16 @@ def _triton(kernel) -> Impl:
     return Impl("triton", "triton", kernel, _needs_triton)
 
 
+def _needs_triton_not_fp64(c: Call) -> Optional[str]:
+    if c.dtype == torch.float64:
+        return "float64 inputs (gradient checks) run on the torch path"
+    return _needs_triton(c)
+
+
+def _moe_triton(kernel) -> Impl:
+    return Impl("triton", "triton", kernel, _needs_triton_not_fp64)
+
+
 def _gemm(what: str):
     def text(c: Call) -> str:
         if c.rows is None:
@@ -223,14 +233,15 @@ TABLE: dict[str, tuple] = {
     "causal_conv1d_update": (_triton("Triton causal conv1d"), REFERENCE),
     "selective_state_update": (_triton("Triton selective state update"), REFERENCE),
     "gated_rmsnorm": (_triton("Triton gated RMSNorm"), REFERENCE),
-    "moe_route": (_TORCH("torch sigmoid top-k, fp32 (the reference)"),),
+    "moe_route": (_FAST("torch sigmoid top-k, fp32, fewer ops (bit-equal)"),
+                  _TORCH("torch sigmoid top-k, fp32 (the reference)")),
     "moe_permute": (_TORCH("torch stable sort + scatter-add, no host sync (the reference)"),),
     "moe_combine": (_TORCH("torch fixed-order sum of the k slots (the reference)"),),
-    "moe_expert_slots": (_triton("Triton grouped GEMM (gather, relu2 and routing weight fused)"),
+    "moe_expert_slots": (_moe_triton("Triton grouped GEMM (gather, relu2 and routing weight fused)"),
                          _FAST("torch fp32 grouped matmuls"), REFERENCE),
-    "moe_experts": (_triton("Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)"),
+    "moe_experts": (_moe_triton("Triton grouped GEMM (gather, relu2, routing weight fused; deterministic combine)"),
                     _FAST("torch fp32 grouped matmuls"), REFERENCE),
-    "moe_routed_experts": (_triton("torch routing + Triton grouped GEMM in one op"),
+    "moe_routed_experts": (_moe_triton("torch routing + Triton grouped GEMM in one op"),
                            _FAST("torch routing + fp32 grouped matmuls"), REFERENCE),
 }
 

@@ -157,7 +157,8 @@ def _layer_count(model: nn.Module) -> Optional[tuple]:
 def prepare_training_(model: nn.Module, recipe: Optional[NVFP4Recipe] = None, *,
                       generator=None) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` modules in place for NVFP4 training layers (:class:`~nemotron.
-    nvfp4.NVFP4TrainingLinear`), in the spirit of :func:`quantize_`.
+    nvfp4.NVFP4TrainingLinear`), in the spirit of :func:`quantize_`; float LatentMoE expert stacks
+    (:class:`~nemotron.moe_kernels.MoEExperts`) train their GEMMs in NVFP4 too.
 
     Args:
         recipe: an :class:`~nemotron.nvfp4.NVFP4Recipe` (default ``NVFP4Recipe()``; Super's carve-outs:
@@ -194,8 +195,13 @@ def prepare_training_(model: nn.Module, recipe: Optional[NVFP4Recipe] = None, *,
         final = tuple(f"{path}.{i}.*" for i in range(count - final_layers(count, recipe.high_precision_final), count))
     keep = lambda name: any(fnmatch.fnmatchcase(name, p) for p in (*recipe.high_precision, *final))  # noqa: E731
     mx = lambda name: any(fnmatch.fnmatchcase(name, p) for p in recipe.mxfp8)  # noqa: E731
-    swaps = []
+    swaps, stacks = [], []
     for name, lin in model.named_modules():
+        if isinstance(lin, MoEExperts) and lin.quant is None and not keep(name):
+            if lin.hidden % 16 or lin.intermediate % 16:
+                raise ValueError(f"{name}: NVFP4 training of routed experts needs widths that are multiples of 16, "
+                                 f"got {lin.hidden} x {lin.intermediate}; add it to recipe.high_precision")
+            stacks.append(lin)
         if not isinstance(lin, nn.Linear) or keep(name):
             continue
         label = name or "model"
@@ -211,5 +217,7 @@ def prepare_training_(model: nn.Module, recipe: Optional[NVFP4Recipe] = None, *,
                              f"{lin.in_features} x {lin.out_features}; add it to recipe.high_precision")
         else:
             swaps.append((name, lin, "nvfp4"))
+    for stack in stacks:
+        stack.training_recipe, stack.training_generator = recipe, generator
     return _swap(model, [(name, MXFP8TrainingLinear.from_linear(lin) if fmt == "mxfp8"
                           else NVFP4TrainingLinear.from_linear(lin, recipe, generator)) for name, lin, fmt in swaps])

@@ -8,7 +8,14 @@ Order of ops (HF transformers / Megatron-Core / vLLM agree, see the architecture
 
 With ``ep_group`` each rank holds ``E / world_size`` consecutive experts and exchanges latent rows
 (l wide, not H wide) and their fp32 slot results with ``all_to_all_single``; the result equals the
-single-process layer exactly, because both sum the same fp32 slot values in the same order.
+single-process layer exactly, because both sum the same fp32 slot values in the same order. (An
+fp32 GEMM row depends on the rows it shares the matmul with, so on the plain-torch paths the rows
+from each source rank are multiplied in their own call: each expert then multiplies the same rows
+as in that rank's single-process layer.)
+
+On a single process the layer is differentiable end to end (the ops' backward, :mod:`.autograd`):
+router, latent projections, float experts and shared expert get gradients; NVFP4 experts are
+constants. Expert parallelism is forward only.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dispatch
 from ..nvfp4.format import KeepsStorageDtypes, NVFP4Tensor
-from . import ops
+from . import fast, ops
 
 
 class MoEExperts(KeepsStorageDtypes, nn.Module):
@@ -30,7 +38,9 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
     ``{e}.down_proj.weight [l, I]``; NVFP4: ``weight`` uint8, ``weight_scale`` e4m3, ``weight_scale_2``,
     ``input_scale`` under ModelOpt's names); loading accepts those and HF's stacked ``up_proj`` /
     ``down_proj``. Under expert parallelism the module holds experts ``[first, first + E)`` of
-    ``num_global`` and reads or writes only its own.
+    ``num_global`` and reads or writes only its own. With ``training_recipe`` set (by
+    :func:`nemotron.prepare_training_`) the float experts' GEMMs train in NVFP4
+    (:func:`nemotron.nvfp4.training.nvfp4_training_experts`).
     """
 
     _STORAGE = ("up_scales", "up_gs", "up_input_scale", "down_scales", "down_gs", "down_input_scale")
@@ -43,6 +53,8 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden, dtype=dtype, device=device))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype, device=device))
         self.quant = None   # or "nvfp4": then up_q / down_q hold stacked NVFP4Tensors
+        # set by nemotron.prepare_training_: the float experts' GEMMs then train in NVFP4
+        self.training_recipe, self.training_generator = None, None
 
     # -- format -----------------------------------------------------------------------------------
     def quantize_(self) -> "MoEExperts":
@@ -70,7 +82,23 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
         return (NVFP4Tensor(self.up_codes, self.up_scales, self.up_gs),
                 NVFP4Tensor(self.down_codes, self.down_scales, self.down_gs))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None, *,
+                logits: Optional[torch.Tensor] = None, **route) -> torch.Tensor:
+        """The routed experts of ``x [T, l]`` -> ``[T, l]``: given the routing (``weights``, ``ids``
+        ``[T, k]``, :func:`ops.experts`), or given the router ``logits [T, E]`` and the routing
+        arguments of :func:`ops.route` as keywords (one fused op, :func:`ops.routed_experts`)."""
+        if logits is not None:
+            if weights is not None or ids is not None:
+                raise TypeError("MoEExperts: pass either weights and ids, or logits (and routing keywords), not both")
+            if self.training_recipe is None or self.quant is not None:
+                return ops.routed_experts(x, logits, *self.weights(), **route)
+            weights, ids = ops.route(logits, **route)
+        elif weights is None or ids is None or route:
+            raise TypeError("MoEExperts: expected weights and ids [T, k] (no routing keywords), or logits=...")
+        if self.training_recipe is not None and self.quant is None:
+            from ..nvfp4 import nvfp4_training_experts
+            return nvfp4_training_experts(x, weights, ids, self.up_proj, self.down_proj, recipe=self.training_recipe,
+                                          generator=self.training_generator)
         return ops.experts(x, weights, ids, *self.weights())
 
     def slots(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -206,7 +234,8 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
 
 
 class Router(nn.Module):
-    """HF ``NemotronHTopkRouter``'s parameters: ``weight [E, H]`` and ``e_score_correction_bias [E]`` fp32."""
+    """HF ``NemotronHTopkRouter``'s parameters: ``weight [E, H]`` and ``e_score_correction_bias [E]`` fp32.
+    The logits are fp32 (fp64 when the input or the weight is fp64: gradient checks)."""
 
     def __init__(self, hidden: int, num_experts: int, *, dtype=None, device=None):
         super().__init__()
@@ -214,7 +243,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())          # fp32 logits [T, E]
+        dt = torch.float64 if torch.float64 in (x.dtype, self.weight.dtype) else torch.float32
+        return F.linear(x.to(dt), self.weight.to(dt))            # fp32 logits [T, E]
 
 
 class ReLU2MLP(nn.Module):
@@ -308,14 +338,22 @@ class LatentMoE(nn.Module):
                    bias=getattr(config, "mlp_bias", False), **kwargs)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.ep_group is not None and torch.is_grad_enabled() and (
+                h.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise RuntimeError("LatentMoE: expert parallelism (ep_group) is forward only (its all_to_all exchanges "
+                               "carry no gradient); run it under torch.no_grad() / torch.inference_mode(), or "
+                               "train without ep_group")
         x = h.reshape(-1, self.hidden_size)                                             # [T, H]
-        weights, ids = ops.route(self.gate(x), correction_bias=self.gate.e_score_correction_bias,
-                                 **self.route_args)                                      # [T, k]
+        logits = self.gate(x)                                                           # [T, E] fp32
         xl = self.fc1_latent_proj(x)                                                    # [T, l]
-        if self.ep_group is None:
-            y = self.experts(xl, weights, ids)
+        bias = self.gate.e_score_correction_bias
+        if self.ep_group is None and not torch.compiler.is_compiling():
+            # eagerly, the one op the backend's MoE fusion makes of route + experts (an op call and
+            # its checks fewer per layer); a compiled graph shows the pair and the pass fuses it
+            y = self.experts(xl, logits=logits, correction_bias=bias, **self.route_args)
         else:
-            y = self._expert_parallel(xl, weights, ids)
+            weights, ids = ops.route(logits, correction_bias=bias, **self.route_args)   # [T, k]
+            y = self.experts(xl, weights, ids) if self.ep_group is None else self._expert_parallel(xl, weights, ids)
         y = self.fc2_latent_proj(y)                                                     # [T, H]
         return y.view(h.shape) + self.shared_experts(h)
 
@@ -341,7 +379,7 @@ class LatentMoE(nn.Module):
         x_recv = exchange(xl[order // k], rows_in, send_n, recv_n)                       # [R, l]
         ids_recv = exchange((flat_ids[order] % local).to(torch.int32), rows_in, send_n, recv_n)
         w_recv = exchange(weights.reshape(-1)[order].float(), rows_in, send_n, recv_n)
-        slots_recv = self.experts.slots(x_recv, w_recv[:, None], ids_recv[:, None])     # [R, l] fp32
+        slots_recv = self._local_slots(x_recv, w_recv, ids_recv, recv_n)                # [R, l] fp32
         slots_back = exchange(slots_recv, order.numel(), recv_n, send_n, "result slots")
         slots = torch.empty_like(slots_back)
         slots[order] = slots_back
@@ -351,6 +389,18 @@ class LatentMoE(nn.Module):
                            "combine": back_rows * slots.shape[1] * slots.element_size(),
                            "metadata": world * 8 + out_rows * (4 + 4)}
         return ops.combine(slots, k, xl.dtype)
+
+    def _local_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, splits: list) -> torch.Tensor:
+        """The slots of the received rows, one call per source rank on the plain-torch paths, so each
+        expert multiplies exactly the rows it multiplies in that rank's single-process layer (an fp32
+        GEMM row depends on the row count of its call); the Triton kernel's rows do not, one call."""
+        if dispatch.choose("moe_expert_slots", x, record=False).name == "triton":
+            return self.experts.slots(x, w[:, None], ids[:, None])
+        parts = [self.experts.slots(xs, ws[:, None], i[:, None])
+                 for xs, ws, i in zip(x.split(splits), w.split(splits), ids.split(splits)) if xs.shape[0]]
+        if not parts:
+            return x.new_zeros(0, x.shape[1], dtype=fast.compute_dtype(x))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _all_to_all(self, what: str, out, inp, out_splits, in_splits, peers) -> None:
         """One ``all_to_all_single``, waited on for at most ``ep_timeout`` seconds; a failure (a peer

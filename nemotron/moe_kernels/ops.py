@@ -1,9 +1,11 @@
 """MoE ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
 
 Each op picks its implementation through :mod:`nemotron.dispatch`: the Triton grouped GEMM for CUDA
-tensors, the reference elsewhere; routing, permutation and the combine are torch ops (their own
-references). A trailing ``impl`` argument names the implementation outright (the ``nemotron``
-backend's lowering writes it).
+tensors, the fp32 grouped matmuls of :mod:`.fast` on CPU, the fp64 reference when asked; routing,
+permutation and the combine are torch ops (their own references). A trailing ``impl`` argument
+names the implementation outright (the ``nemotron`` backend's lowering writes it). float64 inputs
+compute and return float64 (routing weights, slots) on the torch path whatever was chosen: the
+precision gradient checks need. The backward of every op is registered in :mod:`.autograd`.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import torch
 from .. import dispatch
 from ..dispatch import FLOAT_DTYPES as _FLOATS
 from ..nvfp4.format import NVFP4Tensor
+from . import fast
 from . import reference as ref
 from .triton import grouped_gemm as kernels
+
+_MOE_FLOATS = (*_FLOATS, torch.float64)       # fp64: gradient checks (computed in fp64 throughout)
 
 
 # ---- torch.library ops -------------------------------------------------------------------------
@@ -24,16 +29,29 @@ from .triton import grouped_gemm as kernels
 def _route_op(logits: torch.Tensor, top_k: int, correction_bias: Optional[torch.Tensor], n_group: int,
               topk_group: int, renormalize: bool, scaling_factor: float,
               impl: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    dispatch.choose("moe_route", logits, impl)
-    # sigmoid + top-k over [T, E] is a few memory-bound torch ops; no kernel of ours beats them
-    return ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
-                               topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
+    name = dispatch.choose("moe_route", logits, impl).name
+    return _route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor, name)
+
+
+def _route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor, impl: str = "reference"):
+    # sigmoid + top-k over [T, E] is a few memory-bound torch ops; no kernel of ours beats them. The
+    # torch path is the reference's formulation in fewer ops (bit-equal), what decode overhead wants
+    if impl == "reference":
+        weights, ids = ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
+                                           topk_group=topk_group, renormalize=renormalize,
+                                           scaling_factor=scaling_factor)
+    else:
+        weights, ids = fast.route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor)
+    if logits.dtype == torch.float64:     # selection on the fp32 scores as always; the weights in fp64
+        weights = ref.route_weights_reference(logits, ids, renormalize=renormalize, scaling_factor=scaling_factor)
+    return weights, ids
 
 
 @_route_op.register_fake
 def _(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor, impl=""):
     t = logits.shape[0]
-    return logits.new_empty(t, top_k, dtype=torch.float32), logits.new_empty(t, top_k, dtype=torch.int32)
+    return (logits.new_empty(t, top_k, dtype=fast.compute_dtype(logits)),
+            logits.new_empty(t, top_k, dtype=torch.int32))
 
 
 def _weights(w: torch.Tensor, scales: Optional[torch.Tensor], gs: Optional[torch.Tensor]):
@@ -77,7 +95,9 @@ def _slots_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up: tor
 def _slots(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl: str) -> torch.Tensor:
     up_ref, up_k = _weights(up, up_scales, up_gs)
     down_ref, down_k = _weights(down, down_scales, down_gs)
-    if impl != "triton":
+    if impl == "torch" or x.dtype == torch.float64:
+        return fast.expert_slots(x, weights, ids, up_ref, down_ref)
+    if impl == "reference":
         return ref.expert_slots_reference(x, weights, ids, up_ref, down_ref)
     perm, offs = ref.permute_reference(ids, up.shape[0])
     return kernels.expert_slots(x, weights, perm, offs, ids.shape[1], up_k, down_k)
@@ -85,7 +105,7 @@ def _slots(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, im
 
 @_slots_op.register_fake
 def _(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, impl=""):
-    return x.new_empty(ids.numel(), x.shape[1], dtype=torch.float32)
+    return x.new_empty(ids.numel(), x.shape[1], dtype=fast.compute_dtype(x))
 
 
 @torch.library.custom_op("nemotron::moe_experts", mutates_args=())
@@ -114,10 +134,9 @@ def _routed_experts_op(x: torch.Tensor, logits: torch.Tensor, correction_bias: O
                        impl: str = "") -> torch.Tensor:
     """route -> permute -> grouped GEMM -> combine as one op: what the ``nemotron`` backend's MoE
     fusion substitutes for ``moe_route`` feeding ``moe_experts`` (routing never leaves the op)."""
-    weights, ids = ref.route_reference(logits, top_k=top_k, correction_bias=correction_bias, n_group=n_group,
-                                       topk_group=topk_group, renormalize=renormalize, scaling_factor=scaling_factor)
-    return _experts(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs,
-                    dispatch.choose("moe_routed_experts", x, impl).name)
+    name = dispatch.choose("moe_routed_experts", x, impl).name
+    weights, ids = _route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor, name)
+    return _experts(x, weights, ids, up, up_scales, up_gs, down, down_scales, down_gs, name)
 
 
 @_routed_experts_op.register_fake
@@ -128,7 +147,7 @@ def _(x, logits, correction_bias, top_k, n_group, topk_group, renormalize, scali
 
 # ---- public API --------------------------------------------------------------------------------
 
-def _tensor(name: str, t, *, dim: int, dtypes=_FLOATS, device=None) -> None:
+def _tensor(name: str, t, *, dim: int, dtypes=_MOE_FLOATS, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dim:
@@ -145,7 +164,8 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
     """Sigmoid top-k routing with a selection bias (HF ``NemotronHTopkRouter`` semantics).
 
     Args:
-        logits: router logits ``[T, E]`` (any float dtype; all math in fp32).
+        logits: router logits ``[T, E]`` (any float dtype; all math in fp32, the weights in fp64
+            for fp64 logits).
         top_k: experts per token, 1 <= top_k <= E.
         correction_bias: ``[E]`` added to the sigmoid scores for *selection only*
             (``e_score_correction_bias``); the weights come from the un-biased scores.
@@ -156,6 +176,8 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
         scaling_factor: multiply the weights (``routed_scaling_factor``, 5.0 in Super).
 
     Returns ``(weights fp32 [T, k], ids int32 [T, k])``, ids in decreasing biased-score order.
+    Differentiable: the weights with respect to the logits (through the sigmoid, the gather, the
+    renormalization and the scale); ids and the correction bias get no gradient.
     A NaN logit (or a NaN bias entry) makes that expert never selected for that token (its score
     ranks last; if it must fill a slot its weight is 0), so a token's weights stay finite; nothing
     raises (on CUDA a check would cost a host sync). ``scaling_factor`` must be finite, ``top_k``,
@@ -165,6 +187,12 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
 
         >>> w, ids = nemotron.moe_kernels.route(torch.randn(4, 512), top_k=22, scaling_factor=5.0)
     """
+    args = _check_route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor)
+    return _route_op(logits, *args)
+
+
+def _check_route(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor) -> tuple:
+    """The routing arguments checked and normalized, in the op's order (top_k, bias, n_group, ...)."""
     _tensor("logits", logits, dim=2)
     t, e = logits.shape
     top_k = dispatch.check_int("top_k", top_k, lo=1, hi=e)
@@ -186,7 +214,7 @@ def route(logits: torch.Tensor, *, top_k: int, correction_bias: Optional[torch.T
     if top_k > topk_group * (e // n_group):
         raise ValueError(f"top_k: {top_k} exceeds the {topk_group * (e // n_group)} experts eligible in "
                          f"topk_group = {topk_group} groups of {e // n_group}")
-    return _route_op(logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor)
+    return top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor
 
 
 def _check_weight(name: str, w, e_dim: Optional[int], n: Optional[int], k: Optional[int], device):
@@ -208,24 +236,31 @@ def _check_weight(name: str, w, e_dim: Optional[int], n: Optional[int], k: Optio
     return shape, triple
 
 
-def _check_experts(x, weights, ids, up, down, activation):
+def _check_stacks(x, up, down, activation):
+    """x [T, H] and the two stacks; returns E and the op-level weight triples."""
     _tensor("x", x, dim=2)
     if x.stride(-1) != 1:
         raise ValueError(f"x: the last dim must be contiguous, got strides {x.stride()}")
-    _tensor("weights", weights, dim=2, device=x.device)
-    _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64), device=x.device)
-    if weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
-        raise ValueError(f"weights, ids: expected both of shape [T, k] with T = x.shape[0] = {x.shape[0]}, got "
-                         f"{tuple(weights.shape)} and {tuple(ids.shape)}")
     if activation not in ref.ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ref.ACTIVATIONS}, got {activation!r}")
     (e, inter, hdim), up_t = _check_weight("up", up, None, None, x.shape[1], x.device)
     _, down_t = _check_weight("down", down, e, hdim, inter, x.device)
     if isinstance(up, NVFP4Tensor) != isinstance(down, NVFP4Tensor):
         raise TypeError("up, down: expected both NVFP4Tensors or both float tensors")
+    return e, up_t, down_t
+
+
+def _check_experts(x, weights, ids, up, down, activation):
+    e, up_t, down_t = _check_stacks(x, up, down, activation)
+    _tensor("weights", weights, dim=2, device=x.device)
+    _tensor("ids", ids, dim=2, dtypes=(torch.int32, torch.int64), device=x.device)
+    if weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"weights, ids: expected both of shape [T, k] with T = x.shape[0] = {x.shape[0]}, got "
+                         f"{tuple(weights.shape)} and {tuple(ids.shape)}")
     # on CUDA (and while compiling) this check would cost a host sync; those callers own ids
     if ids.numel() and not ids.is_cuda and not torch.compiler.is_compiling():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= e:
             raise ValueError(f"ids: expected expert ids in [0, {e}), got values in [{lo}, {hi}]")
     return up_t, down_t
@@ -246,8 +281,12 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, down,
         activation: ``"relu2"`` (relu(h)^2, non-gated, Nemotron-H).
 
     Returns ``[T, H]`` in x's dtype. The weighted slot outputs are formed in fp32 and each token's k
-    slots summed in fp32 (deterministic, no atomics). On CUDA a Triton grouped GEMM (NVFP4 weights
-    expanded in registers, only touched experts read); on CPU the reference.
+    slots summed in fp32 (deterministic, no atomics); fp64 x: fp64 throughout. On CUDA a Triton
+    grouped GEMM (NVFP4 weights expanded in registers, only touched experts read); on CPU one fp32
+    matmul per touched expert and projection (:mod:`nemotron.moe_kernels.fast`).
+
+    Differentiable with respect to x, the weights and float ``up`` / ``down`` stacks (NVFP4 stacks
+    are not); the backward runs in plain torch, fp32 (fp64 for fp64 x).
 
     Example::
 
@@ -260,21 +299,43 @@ def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, down,
 
 def expert_slots(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, up, down, *,
                  activation: str = "relu2") -> torch.Tensor:
-    """The weighted per-slot outputs of :func:`experts`, fp32 ``[T * k, H]`` (slot ``t * k + j``), before
-    the combine; ``combine(expert_slots(...), k, x.dtype) == experts(...)``. Expert parallelism
-    exchanges these rows."""
+    """The weighted per-slot outputs of :func:`experts`, fp32 ``[T * k, H]`` (slot ``t * k + j``; fp64
+    for fp64 x), before the combine; ``combine(expert_slots(...), k, x.dtype) == experts(...)``.
+    Expert parallelism exchanges these rows. Differentiable as :func:`experts` is."""
     up_t, down_t = _check_experts(x, weights, ids, up, down, activation)
     return _slots_op(x, weights, ids, *up_t, *down_t)
 
 
+def routed_experts(x: torch.Tensor, logits: torch.Tensor, up, down, *, top_k: int,
+                   correction_bias: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
+                   renormalize: bool = True, scaling_factor: float = 1.0, activation: str = "relu2") -> torch.Tensor:
+    """:func:`route` then :func:`experts` as one op (``nemotron::moe_routed_experts``, what the
+    ``nemotron`` backend's MoE fusion makes of the pair): ``x [T, H]``, router ``logits [T, E]``,
+    the stacks and routing arguments as there; returns ``[T, H]`` in x's dtype, equal to the pair.
+    Differentiable with respect to x, the logits and float stacks.
+
+    Example::
+
+        >>> y = nemotron.moe_kernels.routed_experts(x, logits, up, down, top_k=22, scaling_factor=5.0)
+    """
+    e, up_t, down_t = _check_stacks(x, up, down, activation)
+    top_k, bias, n_group, topk_group, renormalize, scaling_factor = _check_route(
+        logits, top_k, correction_bias, n_group, topk_group, renormalize, scaling_factor)
+    if logits.shape != (x.shape[0], e) or logits.device != x.device:
+        raise ValueError(f"logits: expected [T, E] = [{x.shape[0]}, {e}] on {x.device}, got {tuple(logits.shape)} "
+                         f"on {logits.device}")
+    return _routed_experts_op(x, logits, bias, top_k, n_group, topk_group, renormalize, scaling_factor, *up_t, *down_t)
+
+
 def combine(slots: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum each token's ``top_k`` consecutive fp32 slot rows ``[T * k, H]`` -> ``[T, H]`` in ``dtype``."""
-    _tensor("slots", slots, dim=2, dtypes=(torch.float32,))
+    """Sum each token's ``top_k`` consecutive fp32 (or fp64) slot rows ``[T * k, H]`` -> ``[T, H]`` in
+    ``dtype``. Differentiable with respect to the slots."""
+    _tensor("slots", slots, dim=2, dtypes=(torch.float32, torch.float64))
     top_k = dispatch.check_int("top_k", top_k, lo=1)
     if slots.shape[0] % top_k:
         raise ValueError(f"top_k: expected a positive divisor of slots.shape[0] = {slots.shape[0]}, got {top_k!r}")
-    if dtype not in _FLOATS:
-        raise TypeError(f"dtype: expected one of {[str(d) for d in _FLOATS]}, got {dtype}")
+    if dtype not in _MOE_FLOATS:
+        raise TypeError(f"dtype: expected one of {[str(d) for d in _MOE_FLOATS]}, got {dtype}")
     return _combine_op(slots, top_k, dtype)
 
 
@@ -290,7 +351,7 @@ def quantize_experts(w: torch.Tensor) -> NVFP4Tensor:
     """Quantize stacked expert weights ``[E, N, K]`` to NVFP4 (1x16 blocks), each expert with its own
     global scale (as ModelOpt does per expert module): a stacked NVFP4Tensor with ``global_scale [E]``."""
     from ..nvfp4.ops import quantize
-    _tensor("w", w, dim=3)
+    _tensor("w", w, dim=3, dtypes=_FLOATS)
     if w.shape[0] == 0:
         raise ValueError("w: expected at least one expert")
     parts = [quantize(w[e]) for e in range(w.shape[0])]

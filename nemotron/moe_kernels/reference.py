@@ -144,3 +144,39 @@ def experts_tolerance(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     hdim = bound.shape[1]
     out_abs = (bound + slot_abs * 2 * u32).view(t, k, hdim).sum(1) + slot_abs.view(t, k, hdim).sum(1) * gam(k)
     return out_abs + want.double().abs() * u_x * 2
+
+
+# ---- differentiable formulations: autograd through these defines the gradients ------------------
+
+def route_weights_reference(logits: torch.Tensor, ids: torch.Tensor, *, renormalize: bool = True,
+                            scaling_factor: float = 1.0) -> torch.Tensor:
+    """The routing weights of the chosen experts ``ids [T, k]`` as a differentiable function of the
+    logits ``[T, E]``, in fp32 (fp64 for fp64 logits): :func:`route_reference`'s weights for those
+    ids (bit for bit in fp32). A NaN logit scores 0 and gets gradient 0: it is masked before the
+    sigmoid, so no NaN reaches the backward."""
+    lg = logits if logits.dtype == torch.float64 else logits.float()
+    nan = torch.isnan(lg)
+    zero = torch.zeros_like(lg)
+    scores = torch.where(nan, zero, torch.where(nan, zero, lg).sigmoid())
+    weights = scores.gather(1, ids.long())
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor
+
+
+def expert_slots_grad_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                                up, down) -> torch.Tensor:
+    """:func:`expert_slots_reference` as differentiable fp64 torch (no final rounding): autograd
+    through it defines the gradients of the experts with respect to x, the weights and float stacks
+    (NVFP4 stacks enter as constants)."""
+    t, k = ids.shape
+    flat_ids = ids.reshape(-1).long()
+    flat_w = weights.reshape(-1).double()
+    slots = torch.zeros(t * k, up.shape[2], dtype=torch.float64, device=x.device)
+    for e in torch.unique(flat_ids).tolist():
+        rows = (flat_ids == e).nonzero().squeeze(1)
+        w_up = up[e].double() if isinstance(up, torch.Tensor) else expert_weight(up, e).double()
+        w_dn = down[e].double() if isinstance(down, torch.Tensor) else expert_weight(down, e).double()
+        h = relu2(x[rows // k].double() @ w_up.T)
+        slots = slots.index_add(0, rows, (h @ w_dn.T) * flat_w[rows, None])
+    return slots

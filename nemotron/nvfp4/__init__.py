@@ -7,8 +7,9 @@ from .format import NVFP4Tensor, swizzle_block_scales, unswizzle_block_scales
 from .linear import FP8Linear, NVFP4Linear
 from .ops import dequantize, fp8_linear, global_amax, hadamard, linear, quantize
 from .training import (MXFP8TrainingLinear, NVFP4Recipe, NVFP4TrainingLinear, mxfp8_training_linear,
-                       nvfp4_training_linear)
+                       nvfp4_training_experts, nvfp4_training_linear)
 
 __all__ = ["NVFP4Tensor", "quantize", "dequantize", "hadamard", "global_amax", "linear", "fp8_linear",
            "NVFP4Linear", "FP8Linear", "swizzle_block_scales", "unswizzle_block_scales",
-           "NVFP4Recipe", "nvfp4_training_linear", "NVFP4TrainingLinear", "mxfp8_training_linear", "MXFP8TrainingLinear"]
+           "NVFP4Recipe", "nvfp4_training_linear", "NVFP4TrainingLinear", "mxfp8_training_linear", "MXFP8TrainingLinear",
+           "nvfp4_training_experts"]

@@ -224,12 +224,12 @@ def test_mxfp8_quantize_definition():
     e = s.int() - 127
     amax = x.reshape(4, 3, 32).abs().amax(-1)
     nz = amax > 0
-    assert (amax <= 448 * torch.ldexp(torch.ones(()), e))[nz].all()
-    assert (amax > 448 * torch.ldexp(torch.ones(()), e - 1))[nz].all()            # the smallest such e
+    assert (amax <= 448 * torch.ldexp(torch.ones(e.shape), e))[nz].all()
+    assert (amax > 448 * torch.ldexp(torch.ones(e.shape), e - 1))[nz].all()            # the smallest such e
     assert (e[~nz] == -127).all()
     back = mxfp8_dequantize(q, s)
     # E4M3 keeps 3 mantissa bits: each element within 2^-4 relative (or the block's subnormal step)
-    step = torch.ldexp(torch.ones(()), e - 9).repeat_interleave(32, 1)
+    step = torch.ldexp(torch.ones(e.shape), e - 9).repeat_interleave(32, 1)
     assert ((back - x).abs() <= x.abs() * 2 ** -4 + step).all()
 
 
@@ -273,7 +273,7 @@ def test_bad_recipes_and_layers():
     with pytest.raises(ValueError, match="high_precision_final"):
         nemotron.prepare_training_(nn.Sequential(nn.Linear(32, 16)), NVFP4Recipe(high_precision_final=0.5))
     seq = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 20))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^1: NVFP4 training needs"):
         nemotron.prepare_training_(seq)
     assert type(seq[0]) is nn.Linear                     # validated before the first swap
 
