@@ -9,8 +9,8 @@ GEMM; Hopper has no FP4 tensor cores), so its cost over bf16 is the quantizers p
 ``nvfp4_row_col_quantize``: shapes (M, K). Traffic as the kernels move it: the amax pass reads x
 (2 B/elt), the quantize pass reads x again and writes two copies of 0.5 + 1/16 B/elt.
 
-``nvfp4_training_step``: shapes (batch, tokens); forward + backward of the tiny hybrid model (every
-layer kind, MoE with a latent, MTP unused) in fp32 (the CPU baseline: bf16 matmuls on CPU do not
+``nvfp4_training_step``: shapes (batch, tokens, width); forward + backward of a small hybrid model
+(every layer kind, LatentMoE, MTP unused) in fp32 (the CPU baseline: bf16 matmuls on CPU do not
 accumulate into fp32 outputs) and under the NVFP4 recipe, Super's carve-outs and none.
 """
 from __future__ import annotations
@@ -98,23 +98,37 @@ def ops() -> dict:
 
 # ---- a whole training step ------------------------------------------------------------------
 
-STEP_SHAPES = {"nemotron": [(4, 128), (8, 256)], "smoke": [(4, 128)]}
+STEP_SHAPES = {"nemotron": [(4, 128, 64), (8, 256, 256)], "smoke": [(4, 128, 64), (8, 256, 256)]}
+
+
+def _step_config(hidden: int):
+    """The tiny preset (every layer kind, LatentMoE, MTP) at width 64 with 16 Mamba heads (every
+    linear width a multiple of 16), or scaled to width 256 (16 experts of 256, top-4, latent 128)."""
+    from nemotron.model import NemotronHConfig
+    from nemotron.model.config import PRESETS
+    cfg = dict(PRESETS["tiny"], mamba_num_heads=16, mamba_head_dim=4)
+    if hidden == 256:
+        cfg.update(hidden_size=256, mamba_head_dim=16, ssm_state_size=32, num_attention_heads=8, head_dim=32,
+                   moe_intermediate_size=256, moe_shared_expert_intermediate_size=512, moe_latent_size=128,
+                   intermediate_size=512, vocab_size=4096, n_routed_experts=16, num_experts_per_tok=4)
+    elif hidden != 64:
+        raise ValueError(f"hidden: the step benchmark has models of width 64 and 256, got {hidden}")
+    return NemotronHConfig(**cfg)
 
 
 def _step_inputs(shape, device, seed):
-    """(models by recipe, ids): the tiny preset with 16 Mamba heads (every width a multiple of 16)."""
+    """(models by recipe, ids [batch, tokens]) for shape (batch, tokens, model width)."""
     import copy
 
     import nemotron
-    from nemotron.model import NemotronHConfig, NemotronHForCausalLM
-    from nemotron.model.config import PRESETS
-    cfg = NemotronHConfig(**dict(PRESETS["tiny"], mamba_num_heads=16, mamba_head_dim=4))
+    from nemotron.model import NemotronHForCausalLM
+    cfg = _step_config(shape[2])
     base = NemotronHForCausalLM.random(cfg, seed=seed, device=device)
     models = {"fp32": base,
               "nvfp4_nemotron3": nemotron.prepare_training_(copy.deepcopy(base), nvfp4.NVFP4Recipe.nemotron3()),
               "nvfp4_all": nemotron.prepare_training_(copy.deepcopy(base), nvfp4.NVFP4Recipe())}
     g = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, shape, device=device, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, shape[:2], device=device, generator=g)
     return models, ids
 
 
