@@ -58,11 +58,14 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
 
     # -- format -----------------------------------------------------------------------------------
     def quantize_(self) -> "MoEExperts":
-        """Replace the float weights by NVFP4 (1x16 blocks, one global scale per expert)."""
+        """Replace the float weights by NVFP4 (one global scale per expert; 1x16 blocks, or the 16x16
+        tiles experts trained with under a ``weight_2d`` recipe, so inference sees the trained weights)."""
         if self.quant is None:
             up, down = self.up_proj.detach(), self.down_proj.detach()
             del self.up_proj, self.down_proj
-            self._set_nvfp4(ops.quantize_experts(up), ops.quantize_experts(down))
+            trained_2d = self.training_recipe is not None and self.training_recipe.weight_2d
+            block = (16, 16) if trained_2d else (1, 16)
+            self._set_nvfp4(ops.quantize_experts(up, block_shape=block), ops.quantize_experts(down, block_shape=block))
         return self
 
     def _set_nvfp4(self, up: NVFP4Tensor, down: NVFP4Tensor,

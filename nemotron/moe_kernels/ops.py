@@ -347,13 +347,14 @@ def permute(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Te
     return _permute_op(ids, num_experts)
 
 
-def quantize_experts(w: torch.Tensor) -> NVFP4Tensor:
-    """Quantize stacked expert weights ``[E, N, K]`` to NVFP4 (1x16 blocks), each expert with its own
-    global scale (as ModelOpt does per expert module): a stacked NVFP4Tensor with ``global_scale [E]``."""
+def quantize_experts(w: torch.Tensor, *, block_shape=(1, 16)) -> NVFP4Tensor:
+    """Quantize stacked expert weights ``[E, N, K]`` to NVFP4 (1x16 blocks, or 16x16 tiles), each
+    expert with its own global scale (as ModelOpt does per expert module): a stacked NVFP4Tensor with
+    ``global_scale [E]``."""
     from ..nvfp4.ops import quantize
     _tensor("w", w, dim=3, dtypes=_FLOATS)
     if w.shape[0] == 0:
         raise ValueError("w: expected at least one expert")
-    parts = [quantize(w[e]) for e in range(w.shape[0])]
+    parts = [quantize(w[e], block_shape=block_shape) for e in range(w.shape[0])]
     return NVFP4Tensor(torch.stack([p.codes for p in parts]), torch.stack([p.block_scales for p in parts]),
-                       torch.stack([p.global_scale for p in parts]))
+                       torch.stack([p.global_scale for p in parts]), tuple(block_shape))

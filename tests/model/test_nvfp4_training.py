@@ -50,3 +50,14 @@ def test_nemotron3_recipe_trains_the_model_and_exports_it(tmp_path):
     # W4A16 serving of the NVFP4 export (16x16 blocks for the trained layers, 1x16 for the rest):
     # quantizing the high-precision layers too adds NVFP4 noise, but the logits stay close
     assert rms(served - trained) / rms(trained) < 0.25
+
+
+def test_trained_experts_export_their_16x16_blocks():
+    cfg = NemotronHConfig(**CFG)
+    model = NemotronHForCausalLM.random(cfg, seed=1)
+    nemotron.prepare_training_(model, NVFP4Recipe())
+    stack = model.backbone.layers[1].mixer.experts
+    want = nemotron.nvfp4.quantize(stack.up_proj.detach()[2], block_shape=(16, 16))
+    nemotron.quantize_(model, "nvfp4")
+    assert torch.equal(stack.up_codes[2], want.codes) and torch.equal(stack.up_scales[2].view(torch.uint8),
+                                                                      want.block_scales.view(torch.uint8))
