@@ -15,7 +15,9 @@ setup(
         # Triton 3.6's interpreter (the CPU test path) needs numpy < 2.3.
         # transformers only as a test oracle (HF NemotronH modules compared with ours).
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "matplotlib", "safetensors", "numpy<2.3",
-                 "transformers>=5.0"],
+                 "transformers>=5.0", "tokenizers>=0.20", "tqdm"],
+        # training the demo model on the standard library: a byte-level BPE (HF tokenizers), a progress bar
+        "train": ["tokenizers>=0.20", "tqdm", "safetensors"],
         "bench": ["matplotlib", "pytest-benchmark>=4"],
         "cutlass": ["nvidia-cutlass", "cuda-python"],
     },
