@@ -4,6 +4,9 @@
                                         generation with and without MTP; then every kernel vs its reference
   generate --model DIR [--ids 1,2,3 | --prompt TEXT]   generate from a checkpoint
   quantize --model DIR --recipe R --out DIR            BF16 HF checkpoint -> ModelOpt NVFP4 checkpoint
+  train --out DIR [--recipe nvfp4] [--steps N] [--max-minutes M] [--resume]
+                                        train the stdlib-tiny model on the Python standard library
+  eval --model DIR                      held-out loss, bits per byte, MTP acceptance of a trained model
 
 A user mistake (a bad argument, an unreadable checkpoint or recipe, a missing file) ends the command
 with one line on stderr, ``nemotron <command>: error: ...``, and exit status 2 (arguments) or 1.
@@ -390,9 +393,75 @@ def quantize_cmd(argv=None) -> int:
     return 0
 
 
+def train_cmd(argv=None) -> int:
+    from nemotron.train import loop
+    p = _Parser(prog="nemotron train", description="Train a Nemotron-H model on the Python standard library.")
+    p.add_argument("--out", required=True, help="the run's directory (checkpoint.pt, log.jsonl, model/)")
+    p.add_argument("--recipe", choices=list(loop.RECIPES), default="nvfp4",
+                   help="precision: bf16 (baseline), nvfp4 (Super's recipe) or an ablation of it")
+    p.add_argument("--config", choices=sorted(_presets()), default="stdlib-tiny", help="model preset")
+    p.add_argument("--steps", type=_int_at_least(1), default=2000)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--seq-len", type=_int_at_least(4), default=256)
+    p.add_argument("--lr", type=_positive_finite, default=3e-3, help="peak learning rate (warmup-stable-decay)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
+    p.add_argument("--max-minutes", type=_positive_finite, default=None,
+                   help="stop cleanly (with a checkpoint) after this many minutes; --resume continues")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out: {a.out} exists and is not a directory")
+    if not a.resume and os.path.exists(os.path.join(a.out, loop.CHECKPOINT)):
+        p.error(f"--out: {a.out} holds the checkpoint of an earlier run; pass --resume to continue it")
+    try:
+        r = loop.train(a.out, recipe=a.recipe, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                       lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, max_minutes=a.max_minutes,
+                       resume=a.resume, config=a.config, progress=not a.no_progress)
+    except ValueError as err:               # an argument train() refuses: name it by its flag
+        name, _, rest = str(err).partition(": ")
+        if name in vars(a):
+            p.error(f"--{name.replace('_', '-')}: {rest}")
+        raise
+    if r["finished"]:
+        print(f"trained {r['step']} steps, final loss {r['loss']:.4f}; model in {r['model_dir']}")
+    else:
+        print(f"stopped at step {r['step']} of {a.steps} (--max-minutes); continue with --resume")
+    return 0
+
+
+def _presets():
+    from nemotron.model.config import PRESETS
+    return PRESETS
+
+
+def eval_cmd(argv=None) -> int:
+    from nemotron.train import loop
+    p = _Parser(prog="nemotron eval", description="Held-out loss, bits per byte and MTP acceptance of a "
+                                                  "model written by nemotron train.")
+    p.add_argument("--model", required=True, help="the model directory (DIR/model of a training run)")
+    p.add_argument("--cache", default=None,
+                   help="the token cache of the training run (default: the data/ beside --model)")
+    p.add_argument("--seq-len", type=_int_at_least(1), default=256)
+    p.add_argument("--max-tokens", type=_int_at_least(2), default=None, help="evaluate the first N held-out tokens")
+    p.add_argument("--prompts", type=_int_at_least(0), default=8, help="held-out prompts for MTP acceptance")
+    a = p.parse_args(argv)
+    if not os.path.isdir(a.model):
+        p.error(f"--model: {a.model} is not a directory")
+    if not os.path.exists(os.path.join(a.model, "tokenizer.json")):
+        p.error(f"--model: no tokenizer.json in {a.model} (nemotron train writes one beside the model)")
+    cache = a.cache or os.path.join(os.path.dirname(os.path.abspath(a.model)), "data")
+    heldout, bpt = loop.stdlib_heldout(a.model, cache)
+    print(json.dumps(loop.evaluate(a.model, heldout, seq_len=a.seq_len, max_tokens=a.max_tokens,
+                                   bytes_per_token=None if a.max_tokens else bpt, prompts=a.prompts), indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo, "generate": generate_cmd, "quantize": quantize_cmd}
+    commands = {"demo": demo, "generate": generate_cmd, "quantize": quantize_cmd, "train": train_cmd,
+                "eval": eval_cmd}
     if not argv or argv[0] not in commands:
         print(f"usage: nemotron {{{','.join(commands)}}} [options]   (see nemotron <command> --help)", file=sys.stderr)
         return 2

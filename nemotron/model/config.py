@@ -172,7 +172,8 @@ class NemotronHConfig:
     def preset(cls, name: str) -> "NemotronHConfig":
         """``"super-120b-a12b"``, ``"nano-30b-a3b"``, or a tiny test model: ``"tiny"`` (every layer
         kind, latent MoE, MTP), ``"tiny-nano"`` (no latent projection, no MTP), ``"tiny-groups"``
-        (group-limited routing)."""
+        (group-limited routing); ``"stdlib-tiny"``: the small model ``nemotron train`` trains on the
+        Python standard library (a scaled-down Super, NVFP4-trainable widths)."""
         if name not in PRESETS:
             raise ValueError(f"name: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
@@ -305,6 +306,18 @@ _TINY = dict(vocab_size=256, hidden_size=64, layers_block_type=list("ME*EM-E"), 
              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
              moe_shared_expert_intermediate_size=48, moe_latent_size=32, routed_scaling_factor=2.5,
              intermediate_size=48, num_nextn_predict_layers=1, max_position_embeddings=4096, dtype="float32")
+# A scaled-down Super for training on the Python standard library on a CPU (``nemotron train``): the
+# Super pattern's shape (Mamba-2 / LatentMoE pairs, two attention anchors) at width 64, a latent MoE
+# with group-limited routing and a shared expert, one MTP block; about 1.6M parameters, of which the
+# embeddings and lm_head hold 1M. Every linear is a multiple of 16 wide (NVFP4 training): in_proj
+# 2 * 128 + 2 * 1 * 16 + 16 = 304; the Mamba out_proj (128 -> 64) is a multiple of 32 (MXFP8 under
+# Super's recipe). Sized for ~1.3 s per NVFP4 step of 8 x 256 tokens on 2 CPU cores.
+_STDLIB_TINY = dict(vocab_size=8192, hidden_size=64, layers_block_type=list("MEM*EME*E"), mamba_num_heads=16,
+                    mamba_head_dim=8, ssm_state_size=16, n_groups=1, chunk_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, n_routed_experts=16, num_experts_per_tok=4,
+                    moe_intermediate_size=64, moe_shared_expert_intermediate_size=128, moe_latent_size=32,
+                    n_group=4, topk_group=2, routed_scaling_factor=2.5, intermediate_size=128,
+                    num_nextn_predict_layers=1, max_position_embeddings=4096, dtype="float32")
 PRESETS = {
     "super-120b-a12b": dict(),
     "nano-30b-a3b": dict(hidden_size=2688, layers_block_type=list(NANO_PATTERN), mamba_num_heads=64,
@@ -314,4 +327,5 @@ PRESETS = {
     "tiny": _TINY,
     "tiny-nano": {**_TINY, "moe_latent_size": None, "num_nextn_predict_layers": 0, "layers_block_type": list("MEM*E")},
     "tiny-groups": {**_TINY, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2, "layers_block_type": list("M*EME")},
+    "stdlib-tiny": _STDLIB_TINY,
 }
