@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import nemotron.nvfp4 as nvfp4
+from nemotron.nvfp4 import fast
 from nemotron.nvfp4 import reference as ref
 from nemotron.nvfp4.triton import gemm as gemm_kernels
 from nemotron.nvfp4.triton import quantize as q_kernels
@@ -24,6 +25,13 @@ SHAPES = {
     "smoke": [(3, 64, 128), (40, 48, 96)],
 }
 VERIFY_ROWS = 64
+# the CPU decode path: Super-like and demo-like (N, K), at decode M and a few small batches
+CPU_LINEARS = [(4096, 4096), (18560, 4096), (1024, 2688)]
+CPU_SHAPES = {
+    "nemotron": [(m, n, k) for n, k in CPU_LINEARS for m in (1, 4, 16, 64)],
+    "sweep": [(m, 4096, 4096) for m in (1, 2, 4, 8, 16, 32, 64, 128, 512)],
+    "smoke": [(1, 64, 128), (40, 48, 96)],
+}
 
 
 def _inputs(shape, device, seed):
@@ -71,6 +79,33 @@ def _verify(args, outs):
     return differ
 
 
+def _torch_w4a16(x, w, w_bf16, input_scale):
+    return fast.linear(x, w.codes, w.block_scales, w.global_scale)
+
+
+def _reference(x, w, w_bf16, input_scale):
+    return ref.linear_reference(x, w.codes, w.block_scales, w.global_scale)
+
+
+def _verify_cpu(args, outs):
+    """The torch path within its documented bound of the fp32 reference (first rows); peers flagged."""
+    x, w, _, _ = args
+    rows = slice(0, VERIFY_ROWS)
+    xr = x[rows]
+    w32 = w.dequantize()
+    want = ref.linear_reference(xr, w.codes, w.block_scales, w.global_scale)
+    tol = ref.gemm_tolerance(xr.float(), w32, None, want)
+    if x.dtype == torch.bfloat16 and x.shape[0] > fast.LINEAR_FP32_ROWS:
+        tol = tol + 2.0 ** -8 * (xr.abs().double() @ w32.abs().double().T)      # the bf16 GEMM's output rounding
+    differ = []
+    for name, out in outs.items():
+        if not bool(((out[rows].double() - want.double()).abs() <= tol).all()):
+            if name == "torch_w4a16":
+                raise AssertionError(f"{name}: outside the reference's tolerance; not timing a wrong path")
+            differ.append(name)
+    return differ
+
+
 def ops() -> dict:
     op = BenchOp(
         name="nvfp4_linear", shapes=SHAPES, make_inputs=_inputs,
@@ -79,4 +114,13 @@ def ops() -> dict:
         peers=("cublas_bf16", "dequant_cublas"),
         bytes=lambda s: s[0] * s[2] * 2 + s[1] * s[2] * 0.5625 + s[0] * s[1] * 2,
         flops=lambda s: 2 * s[0] * s[1] * s[2], verify=_verify)
-    return {op.name: op}
+    # the CPU path (nemotron::nvfp4_linear's "torch" implementation) against a bf16 matmul with the
+    # weight already dequantized and the fp32 reference (dequantizes the weight on every call)
+    cpu = BenchOp(
+        name="nvfp4_linear_cpu", shapes=CPU_SHAPES, make_inputs=_inputs,
+        impls={"torch_w4a16": _torch_w4a16, "bf16_matmul": lambda x, w, w_bf16, s: x @ w_bf16.T,
+               "reference": _reference},
+        peers=("bf16_matmul", "reference"),
+        bytes=lambda s: s[0] * s[2] * 2 + s[1] * s[2] * 0.5625 + s[0] * s[1] * 2,
+        flops=lambda s: 2 * s[0] * s[1] * s[2], verify=_verify_cpu)
+    return {op.name: op, cpu.name: cpu}

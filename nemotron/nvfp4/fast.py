@@ -317,3 +317,100 @@ def dequantize(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: to
     s = block_scales.float() * global_scale.float().reshape(())
     v = v.view(*codes.shape[:-1], k // 16, 16).mul_(16384.0).mul_(s[..., None])
     return v.view(*codes.shape[:-1], k).to(dtype)
+
+
+# ---- W4A16 linear ---------------------------------------------------------------------------------
+
+# Weights expanded per chunk of output rows: the chunk's fp32 scratch (4 B/weight, plus the fp16 and
+# bf16 copies) stays in the CPU's L2/L3, so the weight is read from memory once, as 0.5625 B/weight.
+LINEAR_CHUNK = 1 << 20
+# bf16 inputs with more rows than this multiply in bf16 (oneDNN's bf16 GEMM, ~4x the fp32 GEMM once
+# the GEMM is compute bound, as for prefill); up to it the expansion dominates and the fp32 GEMM keeps
+# the reference's accuracy (decode, small batches).
+LINEAR_FP32_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _e2m1_quads(device: torch.device) -> torch.Tensor:
+    """complex128 [65536], each the 16-byte carrier of four fp32: for each 2-byte word of codes (read
+    in memory order, so either byte order), the values of its four E2M1 codes, element 0 (the first
+    byte's low nibble) first. One ``index_select`` over it expands four weights at a time."""
+    b = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(torch.uint8).view(-1, 2).to(torch.int32)
+    nib = torch.stack([b & 0xF, b >> 4], -1).reshape(-1, 4)            # [65536, 4] in element order
+    return ref.e2m1_decode(nib).contiguous().view(torch.complex128).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _e4m3_values(device: torch.device) -> torch.Tensor:
+    """fp32 [256]: ``float(e4m3)`` of each byte (NaN for 0x7F / 0xFF), torch's own conversion."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().to(device)
+
+
+def linear(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+           bias: torch.Tensor | None = None, *, act_quant: bool = False,
+           input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference.linear_reference`` (same arguments, same returns), fast on CPU.
+
+    x ``[..., K]`` fp32/fp16/bf16 with K a multiple of 16 and the leading dims flattening without a
+    copy; codes uint8 ``[N, K/2]`` and block_scales float8_e4m3fn or uint8 ``[N, K/16]``, both
+    contiguous; global_scale fp32 ``[]``; bias ``[N]`` or None. Returns ``[..., N]`` in x's dtype.
+
+    Per chunk of output rows (``LINEAR_CHUNK`` weights, kept in cache) the packed codes expand
+    through a lookup of each 2-byte word to four fp32 E2M1 values, times the block scales: with
+    ``fp32(block_scale) * global_scale`` that is the reference's dequantized weight bit for bit, and
+    an fp32 GEMM gives the reference up to fp32 summation order (``reference.gemm_tolerance``; bit
+    for bit when the weight is one chunk); the bias is added and the result rounded once to x's
+    dtype. bf16 x with more than ``LINEAR_FP32_ROWS`` rows keeps the global scale out of the weight:
+    ``e2m1 * e4m3`` has at most 6 significant bits and lies in [2^-10, 2688], so it is exact in bf16,
+    and a bf16 GEMM (fp32 accumulation, oneDNN) returns bf16 sums, one bf16 rounding (at most 2^-8 of
+    ``|x| @ |w|.T``) before the fp32 global scale and bias. ``act_quant`` (W4A4) first takes x through
+    :func:`quantize` and :func:`dequantize` (the reference's fp32 x, bit for bit), then the fp32 GEMM.
+    Nothing is kept between calls.
+    """
+    if act_quant:
+        xq = dequantize(*quantize(x, global_scale=input_scale))
+        return linear(xq, codes, block_scales, global_scale, bias).to(x.dtype)
+    k, n = x.shape[-1], codes.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    lead = x.shape[:-1]
+    dev = x.device
+    if m == 0 or n == 0 or k == 0:
+        out = x2.new_zeros(m, n, dtype=torch.float32)
+    else:
+        half = x.dtype == torch.bfloat16 and m > LINEAR_FP32_ROWS
+        xm = x2 if half else x2.float()
+        gs = global_scale.float().reshape(())
+        quads = _e2m1_quads(dev)
+        e4m3 = _e4m3_values(dev)
+        sbytes = block_scales.view(torch.uint8)
+        rows = max(1, LINEAR_CHUNK // k)
+        r = min(rows, n)
+        # scratch allocated once per call: fresh pages on every chunk would cost more than the work
+        idx = torch.empty(r * k // 4, dtype=torch.int32, device=dev)
+        sidx = torch.empty(r * k // 16, dtype=torch.int32, device=dev)
+        q = torch.empty(r * k // 4, dtype=torch.complex128, device=dev)
+        wh = torch.empty(r, k, dtype=torch.bfloat16, device=dev) if half else None
+        out = torch.empty(m, n, dtype=torch.bfloat16 if half else torch.float32, device=dev)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            c = r1 - r0
+            ic, sc = idx[:c * k // 4], sidx[:c * k // 16]
+            ic.copy_(codes[r0:r1].reshape(-1).view(torch.uint16))      # one lookup per 4 elements
+            wc = torch.index_select(quads, 0, ic, out=q[:c * k // 4]).view(torch.float32).view(c, k)
+            sc.copy_(sbytes[r0:r1].reshape(-1))
+            scale = e4m3.index_select(0, sc).view(c, k // 16, 1)
+            if half:
+                wc.view(c, k // 16, 16).mul_(scale)
+                wc = wh[:c].copy_(wc)                                  # exact: 6 significant bits
+            else:
+                wc.view(c, k // 16, 16).mul_(scale.mul_(gs))           # the reference's weight, bit for bit
+            if c == n:
+                torch.mm(xm, wc.T, out=out)
+            else:
+                out[:, r0:r1] = xm @ wc.T
+        if half:
+            out = out.float().mul_(gs)
+    if bias is not None:
+        out.add_(bias.float())
+    return out.to(x.dtype).reshape(*lead, n)

@@ -82,9 +82,11 @@ def _linear_op(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor,
                bias: Optional[torch.Tensor], act_quant: bool, input_scale: Optional[torch.Tensor],
                impl: str = "") -> torch.Tensor:
     k, n = x.shape[-1], codes.shape[0]
-    if dispatch.choose("nvfp4_linear", x, impl).name != "triton":
-        return ref.linear_reference(x, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias,
-                                    act_quant=act_quant, input_scale=input_scale)
+    name = dispatch.choose("nvfp4_linear", x, impl).name
+    if name != "triton":
+        f = fast.linear if name == "torch" else ref.linear_reference
+        return f(x, codes, block_scales.view(torch.float8_e4m3fn), global_scale, bias, act_quant=act_quant,
+                 input_scale=input_scale)
     x2 = x.reshape(-1, k)
     if act_quant:
         xc, xs, xg = kernels.quantize(x2, tile_rows=1, global_scale=input_scale, stochastic=False, seed=0,
@@ -284,8 +286,9 @@ def linear(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.Tensor] = None,
             ``input_scale``); None takes x's own amax.
 
     Returns ``[..., N]`` in x's dtype. On CUDA a Triton GEMM expands the packed weights in registers
-    (0.5625 B read per weight); on CPU the fp32 reference runs. Equal to the reference up to fp32
-    accumulation order.
+    (0.5625 B read per weight); on CPU a torch path expands them per chunk of rows, exactly, into an
+    fp32 (bf16 for bf16 x of more than 64 rows) GEMM. Equal to the reference up to accumulation order
+    (and that one bf16 rounding).
 
     Example::
 
