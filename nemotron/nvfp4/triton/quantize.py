@@ -152,6 +152,18 @@ def _nearest_code(b_y):
 
 
 @triton.jit
+def _stochastic_code(b_y, b_u):
+    """3-bit E2M1 magnitude code of b_y >= 0 rounded up with probability (y - lo) / (hi - lo), for
+    uniforms b_u in [0, 1) (reference.e2m1_magnitude_stochastic)."""
+    b_y = tl.minimum(b_y, 6.0)
+    b_step = tl.where(b_y < 2.0, 0.5, tl.where(b_y < 4.0, 1.0, 2.0))
+    b_q = tl.minimum(tl.floor((b_y + b_u * b_step) * (1.0 / b_step)) * b_step, 6.0)
+    return ((b_q >= 0.5).to(tl.int32) + (b_q >= 1.0).to(tl.int32) + (b_q >= 1.5).to(tl.int32)
+            + (b_q >= 2.0).to(tl.int32) + (b_q >= 3.0).to(tl.int32) + (b_q >= 4.0).to(tl.int32)
+            + (b_q >= 6.0).to(tl.int32))
+
+
+@triton.jit
 def _store_fp4(b_c, b_s, b_x, b_bnan, codes_ptr, scales_ptr, o_row, m_r, o_b, K,
                BM: tl.constexpr, NB: tl.constexpr):
     """Add x's sign bit to the magnitude codes, zero NaN blocks, pack two codes per byte, store."""
@@ -235,13 +247,7 @@ def _quantize_fwd_kernel(x_ptr, codes_ptr, scales_ptr, gs_out_ptr, scale_src_ptr
     o_e = tl.arange(0, 16)
     if STOCHASTIC:
         o_idx = o_row[:, None, None] * K + (o_b[None, :, None] * 16 + o_e[None, None, :])
-        b_u = _sr_uniform(seed, o_idx)
-        b_y = tl.minimum(b_y, 6.0)
-        b_step = tl.where(b_y < 2.0, 0.5, tl.where(b_y < 4.0, 1.0, 2.0))
-        b_q = tl.minimum(tl.floor((b_y + b_u * b_step) * (1.0 / b_step)) * b_step, 6.0)
-        b_c = ((b_q >= 0.5).to(tl.int32) + (b_q >= 1.0).to(tl.int32) + (b_q >= 1.5).to(tl.int32)
-               + (b_q >= 2.0).to(tl.int32) + (b_q >= 3.0).to(tl.int32) + (b_q >= 4.0).to(tl.int32)
-               + (b_q >= 6.0).to(tl.int32))
+        b_c = _stochastic_code(b_y, _sr_uniform(seed, o_idx))
     else:
         b_c = _nearest_code(b_y)
     _store_fp4(b_c, b_s, b_x, b_bnan, codes_ptr, scales_ptr, o_row, m_r, o_b, K, BM, NB)

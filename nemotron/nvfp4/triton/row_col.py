@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import dispatch
-from .quantize import FLT_MAX, _block_scale, _nearest_code, _rht, _round_to, _sr_uniform, _store_fp4
+from .quantize import FLT_MAX, _block_scale, _nearest_code, _rht, _round_to, _sr_uniform, _stochastic_code, _store_fp4
 
 # Tile sizes: BM rows (tokens) x BK columns of x, both multiples of 16; BM/16 blocks per columnwise row.
 BM, BK, NUM_WARPS = 64, 64, 4
@@ -55,13 +55,7 @@ def _quantize_store(b_x, s_enc, s_dec, seed, codes_ptr, scales_ptr, o_row, m_r, 
     if STOCHASTIC:
         o_e = tl.arange(0, 16)
         o_idx = o_row[:, None, None] * N + (o_b[None, :, None] * 16 + o_e[None, None, :])   # index in [*, N]
-        b_u = _sr_uniform(seed, o_idx)
-        b_y = tl.minimum(b_y, 6.0)
-        b_step = tl.where(b_y < 2.0, 0.5, tl.where(b_y < 4.0, 1.0, 2.0))
-        b_q = tl.minimum(tl.floor((b_y + b_u * b_step) * (1.0 / b_step)) * b_step, 6.0)
-        b_c = ((b_q >= 0.5).to(tl.int32) + (b_q >= 1.0).to(tl.int32) + (b_q >= 1.5).to(tl.int32)
-               + (b_q >= 2.0).to(tl.int32) + (b_q >= 3.0).to(tl.int32) + (b_q >= 4.0).to(tl.int32)
-               + (b_q >= 6.0).to(tl.int32))
+        b_c = _stochastic_code(b_y, _sr_uniform(seed, o_idx))
     else:
         b_c = _nearest_code(b_y)
     _store_fp4(b_c, b_s, b_x, b_bnan, codes_ptr, scales_ptr, o_row, m_r, o_b, N, R, NB)
