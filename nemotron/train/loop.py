@@ -435,37 +435,58 @@ def evaluate(model_dir: str, heldout_tokens: torch.Tensor, *, seq_len: int = 256
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = NemotronHForCausalLM.from_pretrained(model_dir, device=device).eval()
     toks = heldout_tokens.long()
-    n = toks.numel()
-    windows = [toks[s:s + seq_len + 1] for s in range(0, n - 1, seq_len)]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        full = [w for w in windows if w.numel() == seq_len + 1]
-        for i in range(0, len(full), batch_size):
-            ids = torch.stack(full[i:i + batch_size]).to(device)
-            logits = model(ids[:, :-1])
-            total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-        tail = windows[-1] if windows and windows[-1].numel() < seq_len + 1 else None
-        if tail is not None and tail.numel() >= 2:
-            ids = tail[None].to(device)
-            total += F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="sum").item()
-            count += tail.numel() - 1
-    loss = total / count
+    loss, count = token_loss(model, toks, seq_len=seq_len, batch_size=batch_size)
     bpt = bytes_per_token if bytes_per_token is not None else _bytes_per_token(model_dir, toks)
     out = {"loss": loss, "tokens": count, "bytes_per_token": bpt,
            "bits_per_byte": loss / math.log(2) / bpt if bpt else None}
     for k in (1, 3):
-        rate = per_round = None
-        if model.mtp is not None and prompts and n > prompt_len:
-            drafted = accepted = rounds = emitted = 0
-            starts = torch.linspace(0, n - prompt_len - 1, prompts).long().tolist()
-            for s in starts:
-                prompt = toks[s:s + prompt_len][None].to(device)
-                model.generate(prompt, max_new_tokens=new_tokens, mtp_draft_tokens=k)
-                st = model.last_generate_stats
-                drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
-                emitted += st["tokens_per_round"] * st["rounds"]
-            rate = accepted / drafted if drafted else 0.0
-            per_round = emitted / rounds if rounds else 0.0
-        out[f"mtp_acceptance_k{k}"], out[f"mtp_tokens_per_round_k{k}"] = rate, per_round
+        st = (mtp_acceptance(model, toks, k, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens)
+              if model.mtp is not None and prompts and toks.numel() > prompt_len else None)
+        out[f"mtp_acceptance_k{k}"] = st["acceptance_rate"] if st else None
+        out[f"mtp_tokens_per_round_k{k}"] = st["tokens_per_round"] if st else None
     return out
+
+
+def token_loss(model: NemotronHForCausalLM, tokens: torch.Tensor, *, seq_len: int = 256,
+               batch_size: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, tokens predicted) of ``model`` over the 1-D stream
+    ``tokens``, cut into windows of ``seq_len + 1`` tokens: every token after a window's first is
+    predicted once, with the window's earlier tokens as context (full windows batched, the
+    shorter last one alone)."""
+    toks = tokens.long()
+    windows = [toks[s:s + seq_len + 1] for s in range(0, toks.numel() - 1, seq_len)]
+    full = [w for w in windows if w.numel() == seq_len + 1]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(full), batch_size):
+            ids = torch.stack(full[i:i + batch_size]).to(model.device)
+            logits = model(ids[:, :-1])
+            total += F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+        tail = windows[-1] if windows and windows[-1].numel() < seq_len + 1 else None
+        if tail is not None and tail.numel() >= 2:
+            ids = tail[None].to(model.device)
+            total += F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="sum").item()
+            count += tail.numel() - 1
+    return total / count, count
+
+
+def mtp_acceptance(model: NemotronHForCausalLM, tokens: torch.Tensor, k: int, *, prompts: int = 8,
+                   prompt_len: int = 64, new_tokens: int = 32) -> dict:
+    """Greedy speculative generation of ``new_tokens`` after each of ``prompts`` prompts of
+    ``prompt_len`` tokens, evenly spaced over the 1-D stream ``tokens``, drafting ``k`` tokens per
+    round with the MTP block: ``{"drafted", "accepted", "rounds", "acceptance_rate",
+    "tokens_per_round"}`` over all prompts (tokens per round counts the verified model token too)."""
+    toks = tokens.long()
+    if toks.numel() <= prompt_len:
+        raise ValueError(f"tokens: expected more than prompt_len={prompt_len} tokens, got {toks.numel()}")
+    drafted = accepted = rounds = 0
+    emitted = 0.0
+    for s in torch.linspace(0, toks.numel() - prompt_len - 1, prompts).long().tolist():
+        model.generate(toks[s:s + prompt_len][None].to(model.device), max_new_tokens=new_tokens, mtp_draft_tokens=k)
+        st = model.last_generate_stats
+        drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
+        emitted += st["tokens_per_round"] * st["rounds"]
+    return {"drafted": drafted, "accepted": accepted, "rounds": rounds,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_round": emitted / rounds if rounds else 0.0}
