@@ -32,6 +32,10 @@ def _every_op(x16, ssm_in, moe_in):
     out.append(ssm.causal_conv1d(xc, cw, activation="silu"))
     out.append(ssm.causal_conv1d_update(xc[:, 0], conv_state.clone(), cw, activation="silu"))
     out.append(ssm.selective_state_update(state.clone(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]))
+    out.append(ssm.selective_state_update_multi(state.clone(), x[:, :3], dt[:, :3], A, B[:, :3], C[:, :3],
+                                                states_out=state.new_empty(1, 3, *state.shape[1:])))
+    out.append(ssm.causal_conv1d_update_multi(xc[:, :3], conv_state.clone(), cw, activation="silu",
+                                              conv_states_out=conv_state.new_empty(1, 3, *conv_state.shape[1:])))
     out.append(ssm.gated_rmsnorm(x16, x16, torch.ones(x16.shape[-1]), group_size=16))
     h, logits, up, down = moe_in
     wts, ids = mk.route(logits, top_k=2)

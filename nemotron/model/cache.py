@@ -12,9 +12,11 @@ reads the whole static KV buffer under a mask: a decode step has the same shapes
 Python integer that changes, so a compiled step never recompiles and can be captured in a CUDA
 graph. ``seq_len`` / ``mtp_len`` read them back (a device-to-host copy) for host-side bookkeeping.
 
-Speculative decoding: between :meth:`begin_verify` and :meth:`accept`, Mamba layers run token by
-token and the cache keeps the conv state before and the SSM state after every step, so
-``accept(n)`` rolls them back to just after the n-th verified token; KV entries past the accepted
+Speculative decoding: between :meth:`begin_verify` and :meth:`accept`, each Mamba layer runs the
+T verified tokens in one multi-token conv update and one multi-token state update, which write the
+conv and SSM states after every token into per-layer buffers ``[B, T, W-1, conv_dim]`` and
+``[B, T, H, P, N]`` (allocated on first use, kept and grown as needed), so ``accept(n)`` rolls back
+by copying the states after the n-th verified token out of them; KV entries past the accepted
 position are simply overwritten later.
 """
 from __future__ import annotations
@@ -64,8 +66,9 @@ class LayerCache:
         self.parent, self.pos = parent, pos
         self.k, self.v = kv if kv is not None else (None, None)
         self.conv, self.ssm = conv, ssm
-        self.rec_conv: list = []
-        self.rec_ssm: list = []
+        self.rec_t = 0                      # tokens recorded since begin_verify
+        self._rec_conv: Optional[torch.Tensor] = None    # [B, cap, W-1, conv_dim]
+        self._rec_ssm: Optional[torch.Tensor] = None     # [B, cap, H, P, N]
 
     @property
     def recording(self) -> bool:
@@ -100,11 +103,50 @@ class LayerCache:
     def commit_ssm_step(self, state32: torch.Tensor) -> None:
         if state32 is not self.ssm:
             self.ssm.copy_(self.parent.round_state(state32))
-        if self.parent.recording:
-            self.rec_ssm.append(self.ssm.clone())
 
-    def record_conv(self) -> None:
-        self.rec_conv.append(self.conv.clone())
+    # Mamba: speculative verification
+    @property
+    def _stochastic(self) -> bool:
+        return self.ssm.dtype != torch.float32 and self.parent.ssm_rounding == "stochastic"
+
+    def verify_state(self) -> torch.Tensor:
+        """The state a verification's multi-token update advances in place. fp32 and nearest-rounded
+        fp16 states are updated where they are stored (the update rounds between tokens as a decode
+        step does); stochastically rounded ones are advanced in an fp32 copy and rounded once, when
+        :meth:`HybridCache.accept` stores the kept state."""
+        return self.ssm.float() if self._stochastic else self.ssm
+
+    def verify_buffers(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[B, t, W-1, conv_dim]`` and ``[B, t, H, P, N]`` of the record buffers for the next t
+        verified tokens, which a multi-token update fills with the state after each token."""
+        lo, hi = self.rec_t, self.rec_t + t
+        if self._rec_ssm is None or self._rec_ssm.shape[1] < hi:
+            conv, ssm = self._rec_conv, self._rec_ssm
+            dtype = torch.float32 if self._stochastic else self.ssm.dtype
+            self._rec_conv = self.conv.new_empty(self.conv.shape[0], hi, *self.conv.shape[1:])
+            self._rec_ssm = self.ssm.new_empty(self.ssm.shape[0], hi, *self.ssm.shape[1:], dtype=dtype)
+            if ssm is not None and lo:                   # a second forward in one verification: keep the first
+                self._rec_conv[:, :lo].copy_(conv[:, :lo])
+                self._rec_ssm[:, :lo].copy_(ssm[:, :lo])
+            if self.conv.is_cuda:
+                torch._dynamo.mark_static_address(self._rec_conv)
+                torch._dynamo.mark_static_address(self._rec_ssm)
+        self.rec_t = hi
+        return self._rec_conv[:, lo:hi], self._rec_ssm[:, lo:hi]
+
+    def end_verify_step(self, state: torch.Tensor) -> None:
+        """After a multi-token update of :meth:`verify_state`: keep a copy's result for the next forward."""
+        if state is not self.ssm:
+            self.ssm.copy_(self.parent.round_state(state))
+
+    def roll_back(self, n: int) -> None:
+        """Keep the first n recorded tokens: the conv and SSM states after the n-th."""
+        if not 1 <= n <= self.rec_t:
+            raise ValueError(f"n: expected 1..{self.rec_t} verified tokens, got {n}")
+        if n < self.rec_t:              # else the update left (end_verify_step stored) the state after the last
+            self.conv.copy_(self._rec_conv[:, n - 1])
+            self.ssm.copy_(self.parent.round_state(self._rec_ssm[:, n - 1]))
+        self.rec_t = 0
 
 
 class HybridCache:
@@ -192,22 +234,21 @@ class HybridCache:
 
     # -- speculative verification -----------------------------------------------------------------
     def begin_verify(self) -> None:
+        """Start a verification: the forwards until :meth:`accept` record every Mamba state."""
         self.recording = True
         for lc in self.layers.values():
-            lc.rec_conv, lc.rec_ssm = [], []
+            lc.rec_t = 0
 
     def accept(self, n: int) -> None:
-        """Keep the first ``n`` verified tokens: Mamba states roll back, the position advances by n."""
+        """Keep the first ``n`` verified tokens: Mamba states roll back (a copy out of the record
+        buffers), the position advances by n."""
         if not self.recording:
             raise RuntimeError("accept: no verification in progress (call begin_verify first)")
-        for lc in self.layers.values():
-            if not lc.rec_ssm:
-                continue
-            if not 1 <= n <= len(lc.rec_ssm):
-                raise ValueError(f"n: expected 1..{len(lc.rec_ssm)} verified tokens, got {n}")
-            lc.ssm.copy_(lc.rec_ssm[n - 1])
-            if n < len(lc.rec_conv):
-                lc.conv.copy_(lc.rec_conv[n])
-            lc.rec_conv, lc.rec_ssm = [], []
+        recorded = [lc for lc in self.layers.values() if lc.rec_t]
+        for lc in recorded:          # check first: a bad n leaves every layer as it was
+            if not 1 <= n <= lc.rec_t:
+                raise ValueError(f"n: expected 1..{lc.rec_t} verified tokens, got {n}")
+        for lc in recorded:
+            lc.roll_back(n)
         self.recording = False
         self.pos.add_(n)

@@ -100,24 +100,32 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def _steps(self, xbc, dt, w, bias, A, cache: LayerCache) -> torch.Tensor:
-        """Token by token through the cache (decode, and verification of drafted tokens, where the
-        states after every step are kept so the cache can roll back to any of them)."""
+        """Through the cache with the decode updates: one token (decode), or the T drafted tokens of a
+        verification in one multi-token call of each update, which keep the states after every token
+        in the cache's record buffers so the cache can roll back to any of them."""
         b, t, _ = xbc.shape
-        conv, ys = cache.conv, []
         # dt: softplus(dt + bias) clamped below at time_step_min, the prefill's dt_limit
         dt_all = F.softplus(dt.float() + self.dt_bias.float()).clamp_min(self.cfg.time_step_min)
-        for j in range(t):
-            if cache.recording:
-                cache.record_conv()
-            xj = ssm.causal_conv1d_update(xbc[:, j].contiguous(), conv, w.contiguous(), bias, activation="silu")
-            xs, B, C = xj.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
+        gn = self.groups * self.n
+        if not cache.recording:
+            xj = ssm.causal_conv1d_update(xbc[:, 0].contiguous(), cache.conv, w.contiguous(), bias, activation="silu")
+            xs, B, C = xj.split([self.inter, gn, gn], dim=-1)
             state = cache.ssm_working()
-            yj = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, j], A,
-                                            B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
-                                            D=self.D)
+            y = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, 0], A,
+                                           B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
+                                           D=self.D)
             cache.commit_ssm_step(state)
-            ys.append(yj.reshape(b, 1, self.inter))
-        return torch.cat(ys, 1)
+            return y.reshape(b, 1, self.inter)
+        conv_out, ssm_out = cache.verify_buffers(t)
+        xc = ssm.causal_conv1d_update_multi(xbc.contiguous(), cache.conv, w.contiguous(), bias, activation="silu",
+                                            conv_states_out=conv_out)
+        xs, B, C = xc.split([self.inter, gn, gn], dim=-1)
+        state = cache.verify_state()
+        y = ssm.selective_state_update_multi(state, xs.reshape(b, t, self.heads, self.head_dim), dt_all, A,
+                                             B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
+                                             D=self.D, states_out=ssm_out)
+        cache.end_verify_step(state)
+        return y.reshape(b, t, self.inter)
 
 
 class Attention(nn.Module):

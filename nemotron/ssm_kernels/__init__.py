@@ -2,6 +2,8 @@
 update and the gated grouped RMSNorm; each with its FP64 reference, Triton kernel and torch.library op.
 """
 from . import autograd  # noqa: F401  (registers the ops' backward)
-from .ops import causal_conv1d, causal_conv1d_update, gated_rmsnorm, selective_state_update, ssd_scan
+from .ops import (causal_conv1d, causal_conv1d_update, causal_conv1d_update_multi, gated_rmsnorm,
+                  selective_state_update, selective_state_update_multi, ssd_scan)
 
-__all__ = ["ssd_scan", "causal_conv1d", "causal_conv1d_update", "selective_state_update", "gated_rmsnorm"]
+__all__ = ["ssd_scan", "causal_conv1d", "causal_conv1d_update", "causal_conv1d_update_multi", "selective_state_update",
+           "selective_state_update_multi", "gated_rmsnorm"]

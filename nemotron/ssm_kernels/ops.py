@@ -119,6 +119,45 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices, impl="")
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("nemotron::selective_state_update_multi", mutates_args=("state", "states_out"))
+def _ssu_multi_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, states_out: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                  dt_bias: Optional[torch.Tensor], dt_softplus: bool, impl: str = "") -> torch.Tensor:
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if dispatch.choose("selective_state_update_multi", x, impl).name == "triton":
+        return ssu_kernels.selective_state_update_multi(state, x, dt, A, B, C, states_out, **kw)
+    y, states = ref.selective_state_update_multi_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
+    states_out.copy_(states)
+    if x.shape[1]:
+        state.copy_(states[:, -1])
+    return y.to(x.dtype)
+
+
+@_ssu_multi_op.register_fake
+def _(state, x, dt, A, B, C, states_out, D, z, dt_bias, dt_softplus, impl=""):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nemotron::causal_conv1d_update_multi", mutates_args=("conv_state", "conv_states_out"))
+def _conv1d_update_multi_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], conv_states_out: torch.Tensor, silu: bool,
+                            impl: str = "") -> torch.Tensor:
+    act = "silu" if silu else None
+    if dispatch.choose("causal_conv1d_update_multi", x, impl).name == "triton":
+        return conv_kernels.causal_conv1d_update_multi(x, conv_state, weight, conv_states_out, bias, activation=act)
+    y, states = ref.causal_conv1d_update_multi_reference(x, conv_state, weight, bias, activation=act,
+                                                         dtype=torch.float32)
+    conv_states_out.copy_(states)
+    if x.shape[1]:
+        conv_state.copy_(states[:, -1])
+    return y.to(x.dtype)
+
+
+@_conv1d_update_multi_op.register_fake
+def _(x, conv_state, weight, bias, conv_states_out, silu, impl=""):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("nemotron::gated_rmsnorm", mutates_args=())
 def _gated_rmsnorm_op(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
                       impl: str = "") -> torch.Tensor:
@@ -312,6 +351,79 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
     if state_indices is not None and not state.is_cuda and b and int(state_indices.max()) >= state.shape[0]:
         raise ValueError(f"state_indices: values must be < {state.shape[0]} (the state rows)")
     return _ssu_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
+
+
+def _check_states_out(name, out, shape, dtypes, dev):
+    """A caller's buffer of per-token states ``[B, T, ...]``: any batch / token strides (a slice of a
+    longer buffer), the dims after them contiguous (the kernels index them densely)."""
+    _tensor(name, out, shape, dtypes=dtypes, device=dev)
+    if out.numel() and not out[0, 0].is_contiguous():
+        raise ValueError(f"{name}: the dims after [B, T] must be contiguous, got strides {out.stride()}")
+
+
+def causal_conv1d_update_multi(x, conv_state, weight, bias=None, *, conv_states_out, activation=None):
+    """T decode steps of the conv in one call (speculative verification), keeping every state.
+
+    x ``[B, T, D]``; conv_state ``[B, W-1, D]`` (x's dtype, contiguous) is advanced in place over the
+    T tokens; conv_states_out ``[B, T, W-1, D]`` (x's dtype, contiguous, caller-provided) receives
+    the conv state after each token (the conv_state layout with a token axis after the batch), so a
+    rollback to token t is ``conv_state.copy_(conv_states_out[:, t])``. Equals T single-token
+    :func:`causal_conv1d_update` calls bit for bit on the reference path. Returns y ``[B, T, D]``.
+    """
+    _check_conv(x, weight, bias, activation)
+    b, t, d = x.shape
+    w = weight.shape[1]
+    _tensor("conv_state", conv_state, [b, w - 1, d], dtypes=(x.dtype,), device=x.device)
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state: must be contiguous")
+    _check_states_out("conv_states_out", conv_states_out, [b, t, w - 1, d], (x.dtype,), x.device)
+    return _conv1d_update_multi_op(x, conv_state, weight, bias, conv_states_out, activation is not None)
+
+
+def selective_state_update_multi(state, x, dt, A, B, C, *, states_out, D=None, z=None, dt_bias=None,
+                                 dt_softplus=False):
+    """T decode steps of the SSM per sequence in one call (speculative verification), keeping every state.
+
+    Layout: token-major like :func:`ssd_scan` (x ``[B, T, H, P]``, dt ``[B, T, H]`` or
+    ``[B, T, H, P]``, B and C ``[B, T, G, N]`` with G | H, z ``[B, T, H, P]``), so views of the
+    in_proj / conv output pass without copies. state ``[B, H, P, N]`` (fp32/fp16/bf16, last two dims
+    contiguous) is updated in place through all T tokens; A ``[H]`` or ``[H, P, N]``; D and dt_bias
+    ``[H]`` or ``[H, P]``; dt_softplus as for :func:`selective_state_update`. states_out
+    ``[B, T, H, P, N]`` (fp32 or fp16, last three dims contiguous, caller-provided) receives the state after each
+    token (fp16: rounded to nearest). Token t reads the state token t-1 left in ``state``'s dtype, so
+    this equals T single-token :func:`selective_state_update` calls (bit for bit on the reference
+    path); the kernel keeps the state in registers across the tokens (one launch).
+    Returns y ``[B, T, H, P]`` in x's dtype.
+
+    Example::
+
+        >>> y = selective_state_update_multi(state, x, dt, A, B, C, states_out=buf, D=D)   # buf [B, T, H, P, N]
+        >>> state.copy_(buf[:, n - 1])                       # keep the first n tokens
+    """
+    _tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [B, T, H, P], got shape {list(x.shape)}")
+    b, t, h, p = x.shape
+    dev = x.device
+    _tensor("state", state, device=dev)
+    if state.dim() != 4 or state.shape[0] != b or state.shape[1:3] != (h, p):
+        raise ValueError(f"state: expected [B={b}, H={h}, P={p}, N], got shape {list(state.shape)}")
+    n = state.shape[3]
+    if state.stride(3) != 1 or state.stride(2) != n:
+        raise ValueError("state: its last two dims [P, N] must be contiguous")
+    _tensor("B", B, device=dev)
+    if B.dim() != 4 or B.shape[:2] != (b, t) or B.shape[3] != n or B.shape[2] == 0 or h % B.shape[2]:
+        raise ValueError(f"B: expected [B={b}, T={t}, G, N={n}] with G dividing H={h}, got shape {list(B.shape)}")
+    _tensor("C", C, list(B.shape), device=dev)
+    _tensor("dt", dt, [[b, t, h], [b, t, h, p]], device=dev, last_contiguous=False)
+    _tensor("A", A, [[h], [h, p, n]], device=dev, last_contiguous=False)
+    _tensor("D", D, [[h], [h, p]], device=dev, optional=True, last_contiguous=False)
+    _tensor("dt_bias", dt_bias, [[h], [h, p]], device=dev, optional=True, last_contiguous=False)
+    _tensor("z", z, [b, t, h, p], device=dev, optional=True)
+    if not isinstance(dt_softplus, bool):
+        raise TypeError(f"dt_softplus: expected a bool, got {type(dt_softplus).__name__}")
+    _check_states_out("states_out", states_out, [b, t, h, p, n], (torch.float32, torch.float16), dev)
+    return _ssu_multi_op(state, x, dt, A, B, C, states_out, D, z, dt_bias, dt_softplus)
 
 
 def gated_rmsnorm(x, z, weight, *, group_size, eps=1e-5):

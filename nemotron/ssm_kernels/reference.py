@@ -235,6 +235,46 @@ def selective_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, d
     return y, new
 
 
+def selective_state_update_multi_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None,
+                                           dt_softplus=False, dtype=torch.float64):
+    """T decode steps per sequence, defined as T sequential :func:`selective_state_update_reference`
+    calls (so it equals them bit for bit): token t reads the state token t-1 left, rounded to
+    ``state.dtype`` as a single-token update writes it. state [B, H, P, N]; x [B, T, H, P];
+    dt [B, T, H] or [B, T, H, P]; B, C [B, T, G, N]; z [B, T, H, P]; A, D, dt_bias as for one step.
+    Returns (y [B, T, H, P] in ``dtype``, states [B, T, H, P, N] in ``state.dtype``: the state after
+    each token); nothing in place."""
+    t = x.shape[1]
+    ys, states, cur = [], [], state
+    for ti in range(t):
+        y, new = selective_state_update_reference(cur, x[:, ti], dt[:, ti], A, B[:, ti], C[:, ti], D=D,
+                                                  z=None if z is None else z[:, ti], dt_bias=dt_bias,
+                                                  dt_softplus=dt_softplus, dtype=dtype)
+        cur = new.to(state.dtype)
+        ys.append(y)
+        states.append(cur)
+    b, h, p, n = state.shape
+    if not t:
+        return x.new_zeros(b, 0, h, p, dtype=dtype), state.new_zeros(b, 0, h, p, n)
+    return torch.stack(ys, 1), torch.stack(states, 1)
+
+
+def causal_conv1d_update_multi_reference(x, conv_state, weight, bias=None, *, activation=None, dtype=torch.float64):
+    """T decode steps of the conv, defined as T sequential single-token
+    :func:`causal_conv1d_update_reference` calls. x [B, T, D], conv_state [B, W-1, D].
+    Returns (y [B, T, D] in ``dtype``, states [B, T, W-1, D] in conv_state's dtype: the conv state
+    after each token, i.e. its last W-1 inputs); nothing in place."""
+    b, t, d = x.shape
+    ys, states, cur = [], [], conv_state
+    for ti in range(t):
+        y, new = causal_conv1d_update_reference(x[:, ti], cur, weight, bias, activation=activation, dtype=dtype)
+        cur = new.to(conv_state.dtype)       # exact: the state only holds inputs
+        ys.append(y)
+        states.append(cur)
+    if not t:
+        return x.new_zeros(b, 0, d, dtype=dtype), conv_state.new_zeros(b, 0, *conv_state.shape[1:])
+    return torch.stack(ys, 1), torch.stack(states, 1)
+
+
 def gated_rmsnorm_reference(x, z, weight, *, group_size, eps=1e-5, dtype=torch.float64):
     """rmsnorm(x * silu(z)) within groups of ``group_size`` along the last dim, times weight
     (Nemotron's norm_before_gate=False). x, z [..., D]; weight [D]."""
