@@ -1,0 +1,85 @@
+"""The sm_90 static report's rules hold for every kernel at the Super shapes (``python -m bench.static``).
+
+Rules: no kernel spills registers, and every configuration the public API accepts fits the per-block
+shared-memory limit of H100/H200 (232,448 B), since a launch over it fails only on a GPU. The kernels
+that break a rule today are listed in ``KNOWN`` with what they break and the measured value: every
+other kernel must satisfy both rules, and every listed one must still break exactly what is listed,
+so a fix fails this test until its entry is removed.
+
+The report compiles for sm_90 in a subprocess without the Triton interpreter (this process runs
+kernels interpreted). The SSD scan is compiled for every dtype and chunk size ``ssd_scan`` accepts
+at the Nemotron head and state sizes (P = 64, N = 128).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.static import SMEM_PER_BLOCK, violations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# case -> {rule: measured value}: spill = bytes of spill stores, smem = bytes of shared memory.
+KNOWN = {
+    "ssd_scan/super.bf16.chunk32": {"spill": 128},
+    "ssd_scan/super.bf16.chunk64": {"spill": 204},
+    "ssd_scan/super.bf16.chunk128": {"spill": 576},          # the model's configuration
+    "ssd_scan/super.bf16.chunk128.varlen": {"spill": 1220},
+    "ssd_scan/super.bf16.chunk256": {"smem": 442_368},
+    "ssd_scan/super.fp16.chunk32": {"spill": 128},
+    "ssd_scan/super.fp16.chunk64": {"spill": 200},
+    "ssd_scan/super.fp16.chunk128": {"spill": 576},
+    "ssd_scan/super.fp16.chunk256": {"smem": 442_368},
+    "ssd_scan/super.fp32.chunk16": {"spill": 15_244},
+    "ssd_scan/super.fp32.chunk32": {"spill": 31_192},
+    "ssd_scan/super.fp32.chunk64": {"spill": 55_272},
+    "ssd_scan/super.fp32.chunk128": {"smem": 460_800},
+    "ssd_scan/super.fp32.chunk256": {"smem": 1_017_856},
+}
+# the fp32 scans are the slowest compiles (about 65 s together on one core): the slow test checks them
+SLOW = tuple(c for c in KNOWN if ".fp32." in c)
+
+
+def _report(*args) -> list[dict]:
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "static.json"
+        r = subprocess.run([sys.executable, "-m", "bench.static", "--preset", "super", "--json", str(out), *args],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        return json.loads(out.read_text())["rows"]
+
+
+def _check(rows: list[dict], expected_known: set) -> None:
+    broken = {}
+    for row in rows:
+        for rule, value in violations(row).items():
+            broken.setdefault(row["case"], {})[rule] = value
+    seen = {row["case"] for row in rows}
+    assert expected_known <= seen, f"known cases not measured (renamed?): {sorted(expected_known - seen)}"
+    new = {c: v for c, v in broken.items() if c not in KNOWN}
+    assert not new, f"kernels breaking a rule (no spills; smem <= {SMEM_PER_BLOCK} B): {new}"
+    for case in sorted(expected_known):
+        now = broken.get(case, {})
+        assert set(now) == set(KNOWN[case]), (
+            f"{case}: listed as breaking {KNOWN[case]}, now breaks {now or 'nothing'}: update KNOWN "
+            "(remove the entry once fixed)")
+
+
+def test_kernels_spill_nothing_and_fit_shared_memory():
+    rows = _report("--skip", ",".join(SLOW))
+    defined = {m for f in (ROOT / "nemotron").rglob("*.py") if "triton" in f.parts
+               for m in re.findall(r"^def (_\w+_fwd_kernel)\(", f.read_text(), re.M)}
+    missing = defined - {r.get("kernel") for r in rows}
+    assert not missing, f"kernels without a case in bench.static.cases(): {sorted(missing)}"
+    _check(rows, {c for c in KNOWN if c not in SLOW})
+
+
+@pytest.mark.slow
+def test_slowest_ssd_configurations_still_break_their_rules():
+    _check(_report("--cases", ",".join(SLOW)), set(SLOW))
