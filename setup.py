@@ -9,8 +9,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nemotron", "nemotron.*", "bench", "bench.*"]),
+    # the two trained stdlib-tiny demo checkpoints (nemotron.model.demo_checkpoint)
+    package_data={"nemotron.model": ["assets/*.json", "assets/*/*.json", "assets/*/*.safetensors"]},
     # torch is not pinned: a CPU machine installs its local CPU build first, a GPU machine keeps its own.
-    install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
+    # safetensors and tokenizers: the shipped demo checkpoints and their tokenizer.json
+    install_requires=["torch>=2.6", "triton>=3.3", "numpy", "safetensors", "tokenizers>=0.20"],
     extras_require={
         # Triton 3.6's interpreter (the CPU test path) needs numpy < 2.3.
         # transformers only as a test oracle (HF NemotronH modules compared with ours).

@@ -13,11 +13,19 @@ With ``--backends`` each implementation also runs under ``torch.compile`` (``ind
 package's ``nemotron`` backend); ``first_call_s`` is the first call's time (compilation included).
 Results go to ``bench/results/<device>/model_<preset>.json``. On CPU the defaults are the tiny
 preset and short contexts (CPU numbers, interpreter for the kernels).
+
+``python -m bench.model --mtp 0,1,3 [--checkpoint nvfp4|bf16|DIR]`` instead times greedy generation
+on a trained model (default: the shipped NVFP4 demo checkpoint, ``nemotron.model.demo_checkpoint``):
+``--new-tokens`` tokens after each of ``--prompts`` 64-token held-out prompts, for each number of MTP
+draft tokens k; it reports tokens/s, the ratio to k = 0 measured in the same run, the draft acceptance
+rate, tokens per round, and whether the output equals plain greedy token for token. Results go to
+``bench/results/<device>/model_mtp_<checkpoint>.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -115,6 +123,51 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                 cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, device) -> dict:
+    from nemotron.model import DEMO_CHECKPOINTS, demo_checkpoint
+    from nemotron.train.data import heldout_sample, load_tokenizer
+
+    path = demo_checkpoint(checkpoint) if checkpoint in DEMO_CHECKPOINTS else checkpoint
+    model = NemotronHForCausalLM.from_pretrained(path, device=device).eval()
+    sample, _ = heldout_sample(load_tokenizer(path), files=prompts, tokens_per_file=64)
+    starts = [i * 65 for i in range(prompts)]                 # each prompt: one file's first 64 tokens
+    batch = [sample[s:s + 64][None].to(device) for s in starts]
+    rows, plain = [], None
+    with torch.no_grad():
+        model.generate(batch[0], max_new_tokens=8, mtp_draft_tokens=max(ks))   # warm-up
+        for k in ks:
+            outs, drafted, accepted, rounds = [], 0, 0, 0
+            harness._sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                outs = [model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k) for p in batch]
+            harness._sync(device)
+            sec = (time.perf_counter() - t0) / reps
+            for p in batch:                                   # statistics: one more pass, untimed
+                model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k)
+                st = model.last_generate_stats
+                drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
+            emitted = sum(o.shape[1] - 64 for o in outs)
+            plain = outs if k == 0 else plain
+            same = None if plain is None else all(torch.equal(a, b) for a, b in zip(outs, plain))
+            row = dict(mtp_draft_tokens=k, tokens_per_s=emitted / sec, seconds=sec, acceptance_rate=
+                       accepted / drafted if drafted else None, tokens_per_round=(emitted - prompts) / rounds
+                       if k and rounds else 1.0, identical_to_plain=same)
+            rows.append(row)
+    base = next((r["tokens_per_s"] for r in rows if r["mtp_draft_tokens"] == 0), None)
+    for r in rows:
+        r["speedup_vs_plain"] = r["tokens_per_s"] / base if base else None
+        acc = "" if r["acceptance_rate"] is None else f", acceptance {r['acceptance_rate']:.3f}"
+        print(f"MTP k={r['mtp_draft_tokens']}: {r['tokens_per_s']:7.1f} tok/s"
+              + (f" ({r['speedup_vs_plain']:.2f}x plain)" if base else "")
+              + f"{acc}, {r['tokens_per_round']:.2f} tokens/round, identical to plain: {r['identical_to_plain']}",
+              flush=True)
+    return dict(kernel=f"model_mtp_{os.path.basename(os.path.normpath(checkpoint))}", checkpoint=checkpoint,
+                prompts=prompts, prompt_tokens=64, new_tokens=new_tokens, device=harness.device_info(device),
+                cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), rows=rows,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def main(argv=None) -> int:
     device = harness.env_device()
     gpu = device.type == "cuda"
@@ -130,10 +183,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20 if gpu else 3)
     p.add_argument("--kv-fp8", action="store_true", help="FP8 KV cache")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--mtp", default=None, help="comma-separated MTP draft counts: time generation on a trained model")
+    p.add_argument("--checkpoint", default="nvfp4", help="with --mtp: nvfp4 | bf16 (the demo checkpoints) or a DIR")
+    p.add_argument("--prompts", type=int, default=4, help="with --mtp: held-out prompts")
+    p.add_argument("--new-tokens", type=int, default=64, help="with --mtp: tokens generated per prompt")
+    p.add_argument("--reps", type=int, default=2, help="with --mtp: timed passes over the prompts")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
-              torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional)
+    if a.mtp is not None:
+        doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device)
+    else:
+        doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
+                  torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional)
     if not a.no_save:
         out = harness.RESULTS / harness.slug(doc["device"])
         out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Command line (``python -m nemotron`` or the ``nemotron`` console script):
 
-  demo                                  the tiny model: NVFP4, eager vs torch.compile(backend="nemotron"),
-                                        generation with and without MTP; then every kernel vs its reference
+  demo                                  the shipped stdlib-tiny models (trained in NVFP4 and in BF16): Python
+                                        from a prompt, held-out loss of both, generation with and without MTP,
+                                        eager vs torch.compile(backend="nemotron"); then every kernel vs its
+                                        reference
   generate --model DIR [--ids 1,2,3 | --prompt TEXT]   generate from a checkpoint
   quantize --model DIR --recipe R --out DIR            BF16 HF checkpoint -> ModelOpt NVFP4 checkpoint
   train --out DIR [--recipe nvfp4] [--steps N] [--max-minutes M] [--resume]
@@ -144,44 +146,81 @@ def _explain_tiny() -> int:
     return 0
 
 
+DEMO_PROMPT = "def fibonacci(n):\n    if n"
 def _demo_model(compile_model: bool) -> bool:
-    """Builds the tiny preset, quantizes it to NVFP4, runs it eagerly and compiled, generates with
-    and without MTP (greedy output must be identical)."""
+    """The shipped stdlib-tiny models (trained on the Python standard library, in NVFP4 and in high
+    precision): Python from a prompt, held-out loss of both, generation with and without MTP
+    (greedy output must be identical), torch.compile(backend="nemotron") against eager."""
     import time
 
+    from nemotron.model import NemotronHForCausalLM, demo_checkpoint
+    from nemotron.train import loop
+    from nemotron.train.data import heldout_sample, load_tokenizer
+
     dev = torch.device("cuda" if not dispatch.interpreting() else "cpu")
-    cfg, model = _tiny(dev)
-    ids = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1)).to(dev)
-    print(f"tiny Nemotron-H: pattern {cfg.hybrid_override_pattern} + an MTP block, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent {cfg.moe_latent_size}, on {dev}")
+    paths = {k: demo_checkpoint(k) for k in ("nvfp4", "bf16")}
+    with open(os.path.join(os.path.dirname(paths["nvfp4"]), "results.json"), encoding="utf-8") as f:
+        shipped = json.load(f)
+    model = NemotronHForCausalLM.from_pretrained(paths["nvfp4"], device=dev).eval()
+    tok = load_tokenizer(paths["nvfp4"])
+    cfg, run = model.config, shipped["runs"]["nvfp4"]
+    print(f"stdlib-tiny Nemotron-H ({cfg.hybrid_override_pattern} + MTP, {run['params'] / 1e6:.2f}M parameters, "
+          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent {cfg.moe_latent_size}), trained "
+          f"natively in NVFP4 on {run['tokens_trained'] / 1e6:.1f}M tokens of the Python {shipped['corpus']['python']} "
+          f"standard library; ModelOpt NVFP4 checkpoint, on {dev}")
+
+    # 1. Python from a prompt
+    ids = torch.tensor([tok.encode(DEMO_PROMPT).ids], device=dev)
     with torch.no_grad():
-        ref_logits = model(ids)
-        q_logits = _to_w4a4(model, dev)(ids)
-    rel = ((q_logits - ref_logits).norm() / ref_logits.norm()).item()
-    agree = (q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-    print(f"NVFP4 W4A4 (all linears and experts but lm_head) vs fp32: logits rel err {rel:.3f}, next-token "
-          f"argmax agrees at {agree:.0%} of positions (random unit-scale weights amplify 4-bit error)")
-    ok = True
-    if compile_model:
-        t0 = time.perf_counter()
-        compiled = torch.compile(model, backend="nemotron")   # fuses norm+quantize+GEMM and route+experts
-        with torch.no_grad():
-            c_logits = compiled(ids)
-        same = torch.allclose(c_logits, q_logits, rtol=1e-4, atol=1e-4 * q_logits.abs().max().item())
+        out = model.generate(ids, max_new_tokens=48)
+    text = tok.decode(out[0].tolist())
+    print(f"\n48 greedy tokens after the prompt {DEMO_PROMPT!r} (a 1.6M-parameter model: Python-shaped, not "
+          "correct):\n    " + "\n    ".join(text.splitlines()))
+
+    # 2. held-out loss, NVFP4 vs the high-precision baseline
+    sample, names = heldout_sample(tok)
+    base = NemotronHForCausalLM.from_pretrained(paths["bf16"], device=dev).eval()
+    losses = {k: loop.token_loss(m, sample)[0] for k, m in (("nvfp4", model), ("bf16", base))}
+    gap = losses["nvfp4"] / losses["bf16"] - 1
+    full = {k: shipped["runs"][k]["heldout"]["loss"] for k in ("nvfp4", "bf16")}
+    print(f"\nheld-out loss (nats/token) on {sample.numel()} tokens of {len(names)} held-out files "
+          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}):")
+    print(f"  NVFP4-trained {losses['nvfp4']:.4f}   BF16 baseline {losses['bf16']:.4f}   gap {gap:+.2%}")
+    print(f"  (the whole held-out split, results.json: NVFP4 {full['nvfp4']:.4f}, BF16 {full['bf16']:.4f}, "
+          f"gap {full['nvfp4'] / full['bf16'] - 1:+.2%})")
+    del base
+
+    # 3. generation with and without MTP drafts
+    prompt = sample[:64][None].to(dev)
+    runs, ok = {}, True
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=8, mtp_draft_tokens=3)            # warm-up
+        for k in (0, 1, 3):
+            t0 = time.perf_counter()
+            o = model.generate(prompt, max_new_tokens=64, mtp_draft_tokens=k)
+            runs[k] = (o, time.perf_counter() - t0, dict(model.last_generate_stats))
+    print("\ngreedy generation of 64 tokens after a 64-token held-out prompt:")
+    for k, (o, secs, st) in runs.items():
+        same = torch.equal(o, runs[0][0])
         ok &= same
-        print(f"torch.compile(backend='nemotron') == eager: {same} (compile + first run {time.perf_counter() - t0:.1f} s)")
-    runs = {}
-    for k in (0, 3):
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=32, mtp_draft_tokens=k)
-        runs[k] = (out, time.perf_counter() - t0, dict(model.last_generate_stats))
-    same = torch.equal(runs[0][0], runs[3][0])
-    ok &= same
-    for k, (out, secs, st) in runs.items():
-        extra = (f", MTP k={k}: acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_round']:.2f} tokens/round"
-                 if k else "")
-        print(f"generate 32 tokens {'with' if k else 'without'} MTP: {32 / secs:.1f} tok/s{extra}")
-    print(f"greedy output with MTP == without: {same} (random weights: the MTP head drafts badly, so acceptance is low)")
+        extra = (f"  acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_round']:.2f} tokens/round, "
+                 f"output identical: {same}" if k else "")
+        speed = f"{64 / secs:6.1f} tok/s" + (f" ({runs[0][1] / secs:.2f}x)" if k else "")
+        print(f"  {'MTP k=' + str(k) if k else 'no MTP':8s} {speed}{extra}")
+
+    # 4. the compiled model against eager
+    if compile_model:
+        window = sample[:128][None].to(dev)
+        with torch.no_grad():
+            eager = model(window)
+            t0 = time.perf_counter()
+            compiled = torch.compile(model, backend="nemotron")  # fuses norm+quantize+GEMM and route+experts
+            got = compiled(window)
+        same = torch.allclose(got, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+        agree = (got.argmax(-1) == eager.argmax(-1)).float().mean().item()
+        ok &= same
+        print(f"\ntorch.compile(backend='nemotron') == eager on 128 held-out tokens: {same} (next-token argmax "
+              f"agrees at {agree:.0%}; compile + first run {time.perf_counter() - t0:.1f} s)")
     return ok
 
 

@@ -36,7 +36,7 @@ from .. import dispatch
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["EOT", "HELDOUT_MODULUS", "stdlib_root", "stdlib_files", "is_heldout", "split", "manifest",
+__all__ = ["EOT", "HELDOUT_MODULUS", "stdlib_root", "stdlib_files", "is_heldout", "split", "manifest", "heldout_sample",
            "train_tokenizer", "save_tokenizer", "load_tokenizer", "tokenizer_hash", "encode_corpus",
            "cached_tokens", "default_cache_dir", "batch", "bytes_per_token", "bits_per_byte"]
 
@@ -260,6 +260,21 @@ def encode_corpus(files: Sequence[PathLike], tokenizer: "tokenizers.Tokenizer") 
     for e in encs:
         parts += [np.asarray(e.ids, dtype=np.int32), eot]
     return torch.from_numpy(np.concatenate(parts))
+
+
+def heldout_sample(tokenizer: "tokenizers.Tokenizer", *, files: int = 4, tokens_per_file: int = 2048,
+                   root: Optional[PathLike] = None) -> tuple[torch.Tensor, list[str]]:
+    """A small, fixed held-out sample (the demo's, the MTP benchmark's prompts): the first
+    ``tokens_per_file`` tokens of each of the first ``files`` held-out files under ``root`` (default
+    :func:`stdlib_root`), each followed by ``<|endoftext|>``, as one int32 stream; and the files'
+    relative paths."""
+    files = dispatch.check_int("files", files, lo=1)
+    tokens_per_file = dispatch.check_int("tokens_per_file", tokens_per_file, lo=1)
+    root = stdlib_root() if root is None else pathlib.Path(root)
+    picked = split(stdlib_files(root), root)[1][:files]
+    eot = torch.zeros(1, dtype=torch.int32)                 # <|endoftext|> is id 0
+    parts = [torch.cat([encode_corpus([f], tokenizer)[:-1][:tokens_per_file], eot]) for f in picked]
+    return torch.cat(parts), [_rel(f, root) for f in picked]
 
 
 def default_cache_dir() -> pathlib.Path:

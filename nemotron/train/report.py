@@ -12,7 +12,7 @@ Written:
   DOCS/logs/NAME.jsonl     each run's log (floats to 6 significant digits)
   DOCS/loss_curves.png     training loss per step of every run (needs matplotlib)
 
-With ``--ship`` the runs named ``nvfp4`` and ``bf16`` are copied into the package
+``--merge`` keeps the evaluations an earlier call wrote to DOCS/results.json. With ``--ship`` the runs named ``nvfp4`` and ``bf16`` are copied into the package
 (``nemotron/model/assets/stdlib-tiny-{nvfp4,bf16}``, see :func:`nemotron.model.demo_checkpoint`) with
 ``assets/results.json``, the numbers the tests check the shipped models against.
 """
@@ -133,20 +133,32 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default=os.path.join("docs", "training"))
     p.add_argument("--ship", action="store_true", help="copy the nvfp4 and bf16 runs into the package")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs DOCS/results.json already holds; evaluate only the others")
     a = p.parse_args(argv)
     runs = {n: os.path.join(a.runs, n) for n in sorted(os.listdir(a.runs))
             if os.path.isdir(os.path.join(a.runs, n, loop.MODEL_DIR))}
     if not runs:
         p.error(f"--runs: no finished runs (directories with {loop.MODEL_DIR}/) in {a.runs}")
     results = {"corpus": d.manifest(), "runs": {}}
+    old = os.path.join(a.docs, "results.json")
+    if a.merge and os.path.exists(old):
+        with open(old, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept["corpus"] != results["corpus"]:
+            p.error(f"--merge: {old} was measured on another corpus (Python {kept['corpus']['python']})")
+        results["runs"] = {k: v for k, v in kept["runs"].items() if k in runs}
     for name, run_dir in runs.items():
+        if name in results["runs"]:
+            continue
         results["runs"][name] = evaluate_run(run_dir, name, max_tokens=a.max_tokens)
         copy_log(run_dir, os.path.join(a.docs, "logs", f"{name}.jsonl"))
         h = results["runs"][name]["heldout"]
-        print(f"{name:20s} held-out loss {h['loss']:.4f}  bits/byte {h['bits_per_byte']:.4f}  "
+        print(f"{name:22s} held-out loss {h['loss']:.4f}  bits/byte {h['bits_per_byte']:.4f}  "
               f"MTP k=1 {h['mtp_acceptance_k1']:.3f}  k=3 {h['mtp_acceptance_k3']:.3f}", flush=True)
     os.makedirs(a.docs, exist_ok=True)
-    with open(os.path.join(a.docs, "results.json"), "w", encoding="utf-8") as f:
+    results["runs"] = dict(sorted(results["runs"].items()))
+    with open(old, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
         f.write("\n")
     plot(runs, os.path.join(a.docs, "loss_curves.png"))

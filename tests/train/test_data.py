@@ -261,3 +261,18 @@ def test_bytes_per_token(small):
         data.bits_per_byte(1.0, 0.0)
     with pytest.raises(ValueError, match="tokens: expected the 1-D stream"):
         data.bytes_per_token(files, tok, tokens=s[:2])
+
+
+def test_heldout_sample(small, stdlib):
+    _, tok = small
+    root, files = stdlib
+    sample, names = data.heldout_sample(tok, files=3, tokens_per_file=50)
+    heldout = data.split(files, root)[1]
+    assert names == [f.relative_to(root).as_posix() for f in heldout[:3]]
+    assert all(data.is_heldout(n) for n in names)
+    assert sample.dtype == torch.int32 and sample.numel() <= 3 * 51
+    ends = (sample == 0).nonzero().flatten().tolist()
+    assert len(ends) == 3 and ends[-1] == sample.numel() - 1         # each file closed by <|endoftext|>
+    assert_equal(sample[:ends[0]], data.encode_corpus(heldout[:1], tok)[:ends[0]])
+    with pytest.raises(ValueError, match="tokens_per_file"):
+        data.heldout_sample(tok, tokens_per_file=0)
