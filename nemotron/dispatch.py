@@ -214,6 +214,7 @@ def _gemm(what: str):
 
 REFERENCE = Impl("reference", "reference", "reference (plain torch)")
 _FAST = lambda what: Impl("torch", "torch", what)  # noqa: E731  (a fast plain-torch path, checked against the reference)
+_DECODE = "torch fp32 decode update, the elementwise work of all tokens at once"
 _TORCH = lambda what: Impl("reference", "reference", what)  # noqa: E731  (the torch ops are the kernel and the reference)
 
 TABLE: dict[str, tuple] = {
@@ -231,11 +232,12 @@ TABLE: dict[str, tuple] = {
     "ssd_scan": (Impl("triton", "triton", "Triton one-kernel chunked SSD scan (states on chip)", _ssd_triton),
                  REFERENCE),
     "causal_conv1d": (_triton("Triton causal conv1d"), REFERENCE),
-    "causal_conv1d_update": (_triton("Triton causal conv1d"), REFERENCE),
-    "selective_state_update": (_triton("Triton selective state update"), REFERENCE),
+    "causal_conv1d_update": (_triton("Triton causal conv1d"), _FAST(_DECODE), REFERENCE),
+    "selective_state_update": (_triton("Triton selective state update"),
+                               _FAST(_DECODE + "; with state_indices the reference"), REFERENCE),
     "selective_state_update_multi": (_triton("Triton multi-token selective state update (state in registers)"),
-                                     REFERENCE),
-    "causal_conv1d_update_multi": (_triton("Triton multi-token causal conv1d update"), REFERENCE),
+                                     _FAST(_DECODE), REFERENCE),
+    "causal_conv1d_update_multi": (_triton("Triton multi-token causal conv1d update"), _FAST(_DECODE), REFERENCE),
     "gated_rmsnorm": (_triton("Triton gated RMSNorm"), REFERENCE),
     "moe_route": (_FAST("torch sigmoid top-k, fp32, fewer ops (bit-equal)"),
                   _TORCH("torch sigmoid top-k, fp32 (the reference)")),

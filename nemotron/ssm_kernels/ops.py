@@ -1,7 +1,8 @@
 """Mamba-2 ops: validation at the public boundary, ``torch.library`` registrations, dispatch.
 
 Each op picks its implementation through :mod:`nemotron.dispatch`: Triton kernels for CUDA tensors,
-the references elsewhere (the chunked fp32 SSD there; the FP64 recurrence is the tests' oracle); a
+elsewhere the decode updates' fast torch paths (:mod:`.fast`) and the references (the chunked fp32
+SSD there; the FP64 recurrence is the tests' oracle); a
 trailing ``impl`` argument names one outright (the ``nemotron`` backend's lowering writes it).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from .. import dispatch
 from ..dispatch import FLOAT_DTYPES as _FLOATS
+from . import fast
 from . import reference as ref
 from .triton import conv1d as conv_kernels
 from .triton import gated_rmsnorm as norm_kernels
@@ -92,7 +94,10 @@ def _(x, weight, bias, silu, initial_states, cu_seqlens, ret, impl=""):
 @torch.library.custom_op("nemotron::causal_conv1d_update", mutates_args=("conv_state",))
 def _conv1d_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       silu: bool, impl: str = "") -> torch.Tensor:
-    y, final = _conv1d(x, weight, bias, silu, conv_state, None, True, dispatch.choose("causal_conv1d_update", x, impl).name)
+    name = dispatch.choose("causal_conv1d_update", x, impl).name
+    if name == "torch":
+        return fast.causal_conv1d_update(x, conv_state, weight, bias, silu)
+    y, final = _conv1d(x, weight, bias, silu, conv_state, None, True, name)
     conv_state.copy_(final)
     return y
 
@@ -107,8 +112,12 @@ def _ssu_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Ten
             D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], dt_softplus: bool,
             state_indices: Optional[torch.Tensor], impl: str = "") -> torch.Tensor:
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_indices=state_indices)
-    if dispatch.choose("selective_state_update", x, impl).name == "triton":
+    name = dispatch.choose("selective_state_update", x, impl).name
+    if name == "triton":
         return ssu_kernels.selective_state_update(state, x, dt, A, B, C, **kw)
+    if name == "torch" and state_indices is None:
+        return fast.selective_state_update(state, x[:, None], dt[:, None], A, B[:, None], C[:, None], D,
+                                           None if z is None else z[:, None], dt_bias, dt_softplus)[:, 0]
     y, new = ref.selective_state_update_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
     state.copy_(new)
     return y.to(x.dtype)
@@ -124,8 +133,11 @@ def _ssu_multi_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: tor
                   C: torch.Tensor, states_out: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                   dt_bias: Optional[torch.Tensor], dt_softplus: bool, impl: str = "") -> torch.Tensor:
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    if dispatch.choose("selective_state_update_multi", x, impl).name == "triton":
+    name = dispatch.choose("selective_state_update_multi", x, impl).name
+    if name == "triton":
         return ssu_kernels.selective_state_update_multi(state, x, dt, A, B, C, states_out, **kw)
+    if name == "torch":
+        return fast.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, states_out)
     y, states = ref.selective_state_update_multi_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
     states_out.copy_(states)
     if x.shape[1]:
@@ -143,8 +155,11 @@ def _conv1d_update_multi_op(x: torch.Tensor, conv_state: torch.Tensor, weight: t
                             bias: Optional[torch.Tensor], conv_states_out: torch.Tensor, silu: bool,
                             impl: str = "") -> torch.Tensor:
     act = "silu" if silu else None
-    if dispatch.choose("causal_conv1d_update_multi", x, impl).name == "triton":
+    name = dispatch.choose("causal_conv1d_update_multi", x, impl).name
+    if name == "triton":
         return conv_kernels.causal_conv1d_update_multi(x, conv_state, weight, conv_states_out, bias, activation=act)
+    if name == "torch":
+        return fast.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_states_out)
     y, states = ref.causal_conv1d_update_multi_reference(x, conv_state, weight, bias, activation=act,
                                                          dtype=torch.float32)
     conv_states_out.copy_(states)

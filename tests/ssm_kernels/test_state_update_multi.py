@@ -2,7 +2,8 @@
 conv1d update over T tokens in one call, keeping the state after each token.
 
 The references are defined as T sequential single-token references (checked bit for bit); the ops'
-default CPU path equals T single-token op calls bit for bit; the Triton kernels match the references;
+reference path equals T single-token op calls bit for bit; the fast torch paths (CPU's default) and
+the Triton kernels match the references;
 the hybrid cache's verify + accept(n) leaves exactly the states of n plain decode steps."""
 import pytest
 import torch
@@ -54,7 +55,7 @@ def _sequential_ops(state, x, dt, A, B, C, *, z=None, **kw):
 
 
 @given(case=ssu_inputs())
-def test_ssu_reference_and_default_op_equal_sequential_single_token_updates(case):
+def test_ssu_reference_and_reference_op_equal_sequential_single_token_updates(case):
     (state, x, dt, A, B, C), kw, out_dtype = case
     y, states = ref.selective_state_update_multi_reference(state, x, dt, A, B, C, **kw)
     cur = state
@@ -65,9 +66,10 @@ def test_ssu_reference_and_default_op_equal_sequential_single_token_updates(case
         assert_equal(y[:, j], yj, what=f"reference y, token {j}")
         assert_equal(states[:, j], cur, what=f"reference state, token {j}")
     s_multi, out = state.clone(), torch.empty(*states.shape, dtype=out_dtype)
-    got = ssm.selective_state_update_multi(s_multi, x, dt, A, B, C, states_out=out, **kw)
-    s_seq = state.clone()
-    want, want_states = _sequential_ops(s_seq, x, dt, A, B, C, **kw)
+    with dispatch.use("reference"):
+        got = ssm.selective_state_update_multi(s_multi, x, dt, A, B, C, states_out=out, **kw)
+        s_seq = state.clone()
+        want, want_states = _sequential_ops(s_seq, x, dt, A, B, C, **kw)
     assert_equal(got, want, what="op y vs T single-token ops")
     assert_equal(s_multi, s_seq, what="op final state vs T single-token ops")
     assert_equal(out, want_states.to(out_dtype), what="op states_out vs T single-token ops")
@@ -89,6 +91,24 @@ def test_ssu_triton_kernel_matches_reference(kernel_device, case):
     assert_close(y.cpu(), y_ref.to(x.dtype), atol=tol * max_abs(y_ref), what="y")
     assert_close(out.cpu(), states_ref.to(out_dtype), atol=tol * max_abs(states_ref), what="states_out")
     assert_close(s.cpu(), states_ref[:, -1], atol=tol * max_abs(states_ref), what="final state")
+
+
+@given(case=ssu_inputs())
+def test_ssu_torch_path_matches_reference_and_single_token_calls(case):
+    (state, x, dt, A, B, C), kw, out_dtype = case
+    y_ref, states_ref = ref.selective_state_update_multi_reference(state, x, dt, A, B, C, dtype=torch.float32, **kw)
+    s, out = state.clone(), torch.empty(*states_ref.shape, dtype=out_dtype)
+    with dispatch.trace() as ran:
+        y = ssm.selective_state_update_multi(s, x, dt, A, B, C, states_out=out, **kw)
+    assert ran == [("selective_state_update_multi", "torch")]
+    tol = max(TOL[x.dtype], TOL[state.dtype], TOL[out_dtype])
+    assert_close(y, y_ref.to(x.dtype), atol=tol * max_abs(y_ref), what="y")
+    assert_close(out, states_ref.to(out_dtype), atol=tol * max_abs(states_ref), what="states_out")
+    assert_close(s, states_ref[:, -1], atol=tol * max_abs(states_ref), what="final state")
+    s_seq = state.clone()
+    y_seq, states_seq = _sequential_ops(s_seq, x, dt, A, B, C, **kw)       # the torch single-token path
+    assert_close(y, y_seq, atol=tol * max_abs(y_ref), what="y vs T single-token torch calls")
+    assert_close(s, s_seq, atol=tol * max_abs(states_ref), what="final state vs T single-token torch calls")
 
 
 def test_ssu_triton_multi_equals_single_token_kernel_calls(kernel_device):
@@ -123,7 +143,7 @@ def conv_inputs(draw):
 
 
 @given(case=conv_inputs())
-def test_conv_reference_and_default_op_equal_sequential_single_token_updates(case):
+def test_conv_reference_and_reference_op_equal_sequential_single_token_updates(case):
     x, s0, w, bias, act = case
     y, states = ref.causal_conv1d_update_multi_reference(x, s0, w, bias, activation=act)
     cur = s0
@@ -132,11 +152,12 @@ def test_conv_reference_and_default_op_equal_sequential_single_token_updates(cas
         assert_equal(y[:, j], yj, what=f"reference y, token {j}")
         assert_equal(states[:, j], cur.to(x.dtype), what=f"reference conv state, token {j}")
     s_multi, out = s0.clone(), torch.empty_like(states)
-    got = ssm.causal_conv1d_update_multi(x, s_multi, w, bias, activation=act, conv_states_out=out)
     s_seq, ys, seq_states = s0.clone(), [], []
-    for j in range(x.shape[1]):
-        ys.append(ssm.causal_conv1d_update(x[:, j], s_seq, w, bias, activation=act))
-        seq_states.append(s_seq.clone())
+    with dispatch.use("reference"):
+        got = ssm.causal_conv1d_update_multi(x, s_multi, w, bias, activation=act, conv_states_out=out)
+        for j in range(x.shape[1]):
+            ys.append(ssm.causal_conv1d_update(x[:, j], s_seq, w, bias, activation=act))
+            seq_states.append(s_seq.clone())
     assert_equal(got, torch.stack(ys, 1), what="op y vs T single-token ops")
     assert_equal(s_multi, s_seq, what="op final conv state")
     assert_equal(out, torch.stack(seq_states, 1), what="op conv_states_out")
@@ -155,6 +176,19 @@ def test_conv_triton_kernel_matches_reference(kernel_device, case):
     assert_close(y.cpu(), y_ref.to(x.dtype), atol=TOL[x.dtype] * max_abs(y_ref), what="y")
     assert_equal(out.cpu(), states_ref, what="conv_states_out (copies of inputs: exact)")
     assert_equal(s.cpu(), states_ref[:, -1], what="final conv state")
+
+
+@given(case=conv_inputs())
+def test_conv_torch_path_matches_reference(case):
+    x, s0, w, bias, act = case
+    y_ref, states_ref = ref.causal_conv1d_update_multi_reference(x, s0, w, bias, activation=act, dtype=torch.float32)
+    s, out = s0.clone(), torch.empty(*states_ref.shape, dtype=x.dtype)
+    with dispatch.trace() as ran:
+        y = ssm.causal_conv1d_update_multi(x, s, w, bias, activation=act, conv_states_out=out)
+    assert ran == [("causal_conv1d_update_multi", "torch")]
+    assert_close(y, y_ref.to(x.dtype), atol=TOL[x.dtype] * max_abs(y_ref), what="y")
+    assert_equal(out, states_ref, what="conv_states_out (copies of inputs: exact)")
+    assert_equal(s, states_ref[:, -1], what="final conv state")
 
 
 def _ssu_args(**over):
@@ -220,7 +254,7 @@ def _mamba():
     return m, m.backbone.layers[i].mixer, i
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("ssm_dtype, rounding", [(torch.float32, "nearest"), (torch.float16, "nearest"),
                                                  (torch.float16, "stochastic")])
 def test_mixer_verify_then_accept_n_equals_n_decode_steps(kernel_device, kernels, ssm_dtype, rounding):
