@@ -16,8 +16,8 @@ that received rows are read, 0.5625 B per weight.
 
 Decode (few slots per expert): BM = 16 and one block per touched expert, so each touched expert's
 weights are read exactly once, split over N tiles to fill the GPU: the kernel is bound by reading
-those weights. Every configuration uses the same BK, so a row's fp32 sums run in the same order
-however rows are batched (expert parallelism returns bit-identical slots).
+those weights. Every configuration uses the same BK (per weight format), so a row's fp32 sums run in
+the same order however rows are batched (expert parallelism returns bit-identical slots).
 """
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ import triton
 import triton.language as tl
 
 from ...dispatch import interpreting
-from ...nvfp4.triton.gemm import _fp4_tile
+from ...nvfp4.triton.gemm import _fp4_tile, word_aligned
 
-BK = 64
+# K step per weight format, the same for every configuration. NVFP4 takes 128: the hot loop's fixed
+# cost (addresses, masks, barriers) is about half of it beside the cheap expansion, so spreading it over
+# twice the weights takes it from ~6.1 to ~5.1 SASS instructions per weight (bench.static)
+BK, BK_FP4 = 64, 128
 # Launch configurations by mean rows per touched expert. Defaults, not yet tuned on a GPU:
 # `python -m bench moe_experts` measures them. (max mean rows, BM, BN, num_warps, num_stages)
 CONFIGS = [
@@ -42,7 +45,7 @@ CONFIGS = [
 def _moe_gemm_fwd_kernel(a_ptr, w_ptr, ws_ptr, wgs_ptr, perm_ptr, rw_ptr, blk_e_ptr, blk_r_ptr, offs_ptr,
                          out_ptr, N, K, stride_am, TOP_K,
                          GATHER: tl.constexpr, SCATTER: tl.constexpr, W_FP4: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     i_b, i_n = tl.program_id(0), tl.program_id(1)
     i_e = tl.load(blk_e_ptr + i_b)
@@ -61,20 +64,21 @@ def _moe_gemm_fwd_kernel(a_ptr, w_ptr, ws_ptr, wgs_ptr, perm_ptr, rw_ptr, blk_e_
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, K, BK):
         o_k = k + tl.arange(0, BK)
+        m_k = (o_k < K) | (EVEN_K != 0)                 # a constant True folds the K mask away
         b_a = tl.load(a_ptr + o_a[:, None] * stride_am + o_k[None, :],
-                      mask=m_r[:, None] & (o_k < K)[None, :], other=0.0).to(DOT_DTYPE)             # [BM, BK]
+                      mask=m_r[:, None] & m_k[None, :], other=0.0).to(DOT_DTYPE)                    # [BM, BK]
         if W_FP4:
             b_w = _fp4_tile(w_ptr + e64 * N * (K // 2), ws_ptr + e64 * N * (K // 16), o_n, m_n, k, K,
-                            BN, BK).to(DOT_DTYPE)                                                  # [BN, BK]
+                            BN, BK, DOT_DTYPE, EVEN_K)                                             # [BN, BK]
         else:
             b_w = tl.load(w_ptr + e64 * N * K + o_n[:, None] * K + o_k[None, :],
-                          mask=m_n[:, None] & (o_k < K)[None, :], other=0.0).to(DOT_DTYPE)         # [BN, BK]
+                          mask=m_n[:, None] & m_k[None, :], other=0.0).to(DOT_DTYPE)               # [BN, BK]
         if IEEE:
             acc = tl.dot(b_a, tl.trans(b_w), acc, input_precision="ieee")
         else:
             acc = tl.dot(b_a, tl.trans(b_w), acc)
     if W_FP4:
-        acc = acc * tl.load(wgs_ptr + e64)
+        acc = acc * (tl.load(wgs_ptr + e64) * 128.0)                  # 1 / TILE_SCALE
     m_o = m_r[:, None] & m_n[None, :]
     if SCATTER:
         b_w8 = tl.load(rw_ptr + slot, mask=m_r, other=0.0)                                        # [BM]
@@ -129,12 +133,14 @@ def _launch(a, w, perm, route_w, blocks, offs, out, top_k, *, gather, scatter, c
         args = (w_dense, w_dense, w_dense)
     else:
         codes, scales, gs = w
+        codes = word_aligned(codes)
         k = codes.shape[2] * 2
         args = (codes, scales, gs)
+    bk = BK if w[0] is None else BK_FP4
     grid = (blk_e.shape[0], triton.cdiv(n, bn))
     _moe_gemm_fwd_kernel[grid](a, *args, perm, route_w, blk_e, blk_r, offs, out, n, k, a.stride(0), top_k,
                                GATHER=gather, SCATTER=scatter, W_FP4=w[0] is not None, DOT_DTYPE=_dot_dtype(a),
-                               IEEE=_dot_dtype(a) == tl.float32, BM=bm, BN=bn, BK=BK,
+                               IEEE=_dot_dtype(a) == tl.float32, EVEN_K=k % bk == 0, BM=bm, BN=bn, BK=bk,
                                num_warps=warps, num_stages=stages)
 
 

@@ -1,9 +1,10 @@
 """Triton NVFP4 GEMM for Hopper: ``out[M, N] = x[M, K] @ dequantize(w)[N, K].T``.
 
 Hopper has no FP4 MMA, but e2m1 * e4m3 is exact in bf16/fp16 (at most 6 significant bits, magnitudes
-in [2^-10, 2688]). So each program loads packed codes (0.5 B/weight) and E4M3 block scales
-(1/16 B/weight), expands ``value * block_scale`` to the MMA dtype in registers and feeds ``tl.dot``
-(wgmma on Hopper) with fp32 accumulation; the global scale(s) multiply the accumulator once in the
+in [2^-10, 2688]). So each program loads packed codes as 32-bit words (0.5 B/weight) and E4M3 block
+scales (1/16 B/weight), expands ``value * block_scale * 2^-7`` to the MMA dtype in registers (bit
+placement and one paired multiply per two weights, see ``_FP4_ASM_BF16``) and feeds ``tl.dot`` (wgmma
+or mma.sync) with fp32 accumulation; the global scale(s) times 2^7 multiply the accumulator once in the
 epilogue. The result equals the fp32 reference up to accumulation order.
 
 W4A16: x is bf16/fp16 (or fp32, then IEEE fp32 dot). W4A4: x arrives as NVFP4 codes + scales (from
@@ -21,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ...dispatch import interpreting
-from .quantize import _e2m1_decode, _e4m3_decode
 
 # Launch configurations by shape class. Defaults, not yet tuned on a GPU: `python -m bench
 # nvfp4_linear` measures them; the Nemotron shapes get entries here once measured.
@@ -31,31 +31,136 @@ CONFIGS = [
     (32, 32, 64, 128, 4, 4),
     (64, 64, 64, 128, 4, 4),
     (512, 64, 128, 64, 4, 3),
-    (None, 128, 128, 64, 8, 3),
+    (None, 128, 128, 128, 8, 3),
 ]
 GROUP_M = 8
 
 
+# Expanded tiles hold ``value * block_scale * TILE_SCALE`` (exact in bf16/fp16, see _FP4_ASM_BF16); the
+# epilogue multiplies the global scale by 1 / TILE_SCALE, a power of two, so the result is unchanged.
+TILE_SCALE = 2.0 ** -7
+
+# One 32-bit word (8 codes, element 0 in the low nibble) -> 8 values in 16-bit registers, per MMA dtype.
+# Each 32-bit result holds codes 2j, 2j + 1 (byte j), the K-adjacent pair the MMA operand registers and
+# the shared-memory stores take, so no repacking follows. a / b: the low / high nibbles of the 4 bytes;
+# prmt puts byte j's two nibbles 16 bits apart (selector nibbles 8: a sign-replicated byte of a, 0).
+# bf16: nibbles at bits 0..3 / 16..19; one multiply by 2^6 + 2^12 places two copies, disjoint, so the
+# sum is their OR; the mask keeps the sign (-> bit 15) and the magnitude e1 e0 m (-> bits 8..6): bf16
+# exponent field e1e0, mantissa msb m, i.e. 2^-126 * e2m1 value, subnormal codes (0, +-0.5) included.
+# The bf16x2 multiply by s * 2^119 (s = the E4M3 block scale; 448 * 2^119 < bf16 max) gives
+# value * s * 2^-7: at most 6 significant bits, magnitude >= 2^-17, so exact, as are the signs of zero
+# and a NaN scale. fp16: nibbles at bits 9..12 / 25..28 (a, b pre-shifted); OR with itself << 3 and the
+# mask keep the magnitude at 11..9 and the sign at 15, i.e. 2^-14 * value (subnormals included); the
+# f16x2 multiply by s * 2^7 (<= 57344) gives value * s * 2^-7, a multiple of 2^-17 with at most 6
+# significant bits, below 2^5: exact. $0..$7: codes 0..7; $8: the word; $9: the fp32 multiplier.
+_FP4_ASM_BF16 = tl.constexpr("""{
+.reg .b32 a, b, t, s;
+cvt.rn.bf16x2.f32 s, $9, $9;
+and.b32 a, $8, 0x0F0F0F0F;
+shr.b32 b, $8, 4;
+and.b32 b, b, 0x0F0F0F0F;
+""" + "".join(f"""prmt.b32 t, a, b, {0x8480 + 0x101 * j:#x};
+mul.lo.u32 t, t, 4160;
+and.b32 t, t, 0x81C081C0;
+mul.rn.bf16x2 t, t, s;
+mov.b32 {{${2 * j}, ${2 * j + 1}}}, t;
+""" for j in range(4)) + "}")
+_FP4_ASM_FP16 = tl.constexpr("""{
+.reg .b32 a, b, t, u, s;
+cvt.rn.f16x2.f32 s, $9, $9;
+shl.b32 a, $8, 1;
+and.b32 a, a, 0x1E1E1E1E;
+shr.b32 b, $8, 3;
+and.b32 b, b, 0x1E1E1E1E;
+""" + "".join(f"""prmt.b32 t, a, b, {0x4808 + 0x1010 * j:#x};
+shl.b32 u, t, 3;
+or.b32 t, t, u;
+and.b32 t, t, 0x8E008E00;
+mul.rn.f16x2 t, t, s;
+mov.b32 {{${2 * j}, ${2 * j + 1}}}, t;
+""" for j in range(4)) + "}")
+
+
 @triton.jit
-def _fp4_tile(p_codes, p_scales, o_r, m_r, o_k, K, ROWS: tl.constexpr, BK: tl.constexpr):
-    """Rows ``o_r`` x K-block ``o_k`` of an NVFP4 matrix as fp32 ``value * block_scale`` [ROWS, BK]."""
-    o_c = o_k // 2 + tl.arange(0, BK // 2)
-    b_c = tl.load(p_codes + o_r[:, None] * (K // 2) + o_c[None, :],
-                  mask=m_r[:, None] & (o_c < K // 2)[None, :], other=0).to(tl.int32)        # [ROWS, BK/2]
-    b_v = tl.reshape(tl.join(_e2m1_decode(b_c & 15), _e2m1_decode(b_c >> 4)), (ROWS, BK))
+def _e4m3_value(c):
+    """fp32 value of E4M3 bytes c (int32, 0..255): the sign in bit 7, 0x7F / 0xFF NaN."""
+    ex = (c >> 3) & 15
+    m = c & 7
+    normal = (((ex + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(ex == 0, m.to(tl.float32) * 0.001953125, normal)       # subnormal step 2^-9
+    v = tl.where((c & 0x7F) == 0x7F, float("nan"), v)
+    # OR in the sign bit: Triton's negation is 0 - v, which would turn -0 into +0
+    return (v.to(tl.int32, bitcast=True) | ((c >> 7) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_pair_plain(a, b, b_s, J: tl.constexpr):
+    """Codes 2J, 2J + 1 of each word, as _FP4_ASM_BF16 computes them, as fp32 values."""
+    t = ((a >> (8 * J)) & 0xFF) | (((b >> (8 * J)) & 0xFF) << 16)         # the prmt: bytes J of a and b
+    t = (t * 4160) & 0x81C081C0
+    # each bf16 half as the fp32 of the same value (its bits in the high half), times s * 2^119: exact
+    return (t << 16).to(tl.float32, bitcast=True) * b_s, (t & 0xFFFF0000).to(tl.float32, bitcast=True) * b_s
+
+
+@triton.jit
+def _fp4_words_plain(b_w, b_s):
+    """The asm's expansion in plain Triton (the interpreter cannot run asm), in fp32: the same values.
+
+    ``b_w`` uint32 words, ``b_s`` fp32 block scales; returns the values of codes 0..7 of each word."""
+    a = b_w & 0x0F0F0F0F
+    b = (b_w >> 4) & 0x0F0F0F0F
+    b_s = b_s * 6.646139978924579e35                                          # 2^119
+    v0, v1 = _fp4_pair_plain(a, b, b_s, 0)
+    v2, v3 = _fp4_pair_plain(a, b, b_s, 1)
+    v4, v5 = _fp4_pair_plain(a, b, b_s, 2)
+    v6, v7 = _fp4_pair_plain(a, b, b_s, 3)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _fp4_tile(p_codes, p_scales, o_r, m_r, o_k, K, ROWS: tl.constexpr, BK: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows ``o_r`` x K-block ``o_k`` of an NVFP4 matrix as ``value * block_scale * TILE_SCALE`` [ROWS, BK]
+    in DOT_DTYPE. The codes are read as 32-bit words (8 codes each; the launchers keep them 4-byte
+    aligned). bf16 / fp16 (compiled only: the launchers pick fp32 under the interpreter) expand them
+    with the inline asm; fp32 uses its plain-Triton twin, the same values. EVEN_K: the block lies
+    inside K (no K mask)."""
+    p_w = p_codes.to(tl.pointer_type(tl.uint32))
+    o_c = o_k // 8 + tl.arange(0, BK // 8)
     o_s = o_k // 16 + tl.arange(0, BK // 16)
-    b_s = tl.load(p_scales + o_r[:, None] * (K // 16) + o_s[None, :],
-                  mask=m_r[:, None] & (o_s < K // 16)[None, :], other=0).to(tl.int32)       # [ROWS, BK/16]
-    b_s = _e4m3_decode(b_s)
-    b_s = tl.reshape(tl.broadcast_to(b_s[:, :, None], (ROWS, BK // 16, 16)), (ROWS, BK))
-    return b_v * b_s
+    # (EVEN_K != 0): a constant True folds the K masks away (and a caller compiling EVEN_K as a runtime
+    # integer still gets one mask type)
+    m_c = m_r[:, None] & ((o_c < K // 8) | (EVEN_K != 0))[None, :]
+    m_s = m_r[:, None] & ((o_s < K // 16) | (EVEN_K != 0))[None, :]
+    b_w = tl.load(p_w + o_r[:, None] * (K // 8) + o_c[None, :], mask=m_c, other=0)          # [ROWS, BK/8]
+    b_s = tl.load(p_scales + o_r[:, None] * (K // 16) + o_s[None, :], mask=m_s, other=0)    # [ROWS, BK/16]
+    if DOT_DTYPE != tl.float32:
+        # E4M3 -> fp16 by the hardware cvt (exact, NaN kept), to fp32; the asm multiplies by s * 2^119 (bf16)
+        # or s * 2^7 (fp16), converted to the MMA dtype (exact)
+        b_s = b_s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        b_s = b_s * (6.646139978924579e35 if DOT_DTYPE == tl.bfloat16 else 128.0)
+    else:
+        b_s = _e4m3_value(b_s.to(tl.int32))
+    b_s = tl.reshape(tl.broadcast_to(b_s[:, :, None], (ROWS, BK // 16, 2)), (ROWS, BK // 8))  # per word
+    if DOT_DTYPE == tl.bfloat16:
+        v = tl.inline_asm_elementwise(_FP4_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,f", [b_w, b_s],
+                                      dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    elif DOT_DTYPE == tl.float16:
+        v = tl.inline_asm_elementwise(_FP4_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,f", [b_w, b_s],
+                                      dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        v = _fp4_words_plain(b_w, b_s)
+    # a join's new axis is the minor one: the innermost joins pair codes 4 apart, the outermost adjacent ones
+    b_v = tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])),
+                  tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))                          # [ROWS, BK/8, 2, 2, 2]
+    return tl.reshape(b_v, (ROWS, BK)).to(DOT_DTYPE)
 
 
 @triton.jit
 def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_ptr, out_ptr,
                            M, N, K, stride_xm, stride_om, k_per_split,
                            X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     i_p, i_s = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -76,21 +181,22 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(k_lo, k_hi, BK):
             if X_FP4:
-                b_x = _fp4_tile(x_ptr, xs_ptr, o_m, m_m, k, K, BM, BK).to(DOT_DTYPE)            # [BM, BK]
+                b_x = _fp4_tile(x_ptr, xs_ptr, o_m, m_m, k, K, BM, BK, DOT_DTYPE, EVEN_K)  # [BM, BK]
             else:
                 o_k = k + tl.arange(0, BK)
-                b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :],
-                              mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
-            b_w = _fp4_tile(w_ptr, ws_ptr, o_n, m_n, k, K, BN, BK).to(DOT_DTYPE)                 # [BN, BK]
+                m_x = m_m[:, None] & ((o_k < K) | (EVEN_K != 0))[None, :]
+                b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_k[None, :], mask=m_x,
+                              other=0.0).to(DOT_DTYPE)                                          # [BM, BK]
+            b_w = _fp4_tile(w_ptr, ws_ptr, o_n, m_n, k, K, BN, BK, DOT_DTYPE, EVEN_K)       # [BN, BK]
             if IEEE:
                 acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(b_x, tl.trans(b_w), acc)
 
         if SPLIT_K == 1:
-            acc = acc * tl.load(gs_ptr)
+            acc = acc * (tl.load(gs_ptr) * 128.0)                 # 1 / TILE_SCALE
             if X_FP4:
-                acc = acc * tl.load(xgs_ptr)
+                acc = acc * (tl.load(xgs_ptr) * 128.0)
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
             p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :]
@@ -99,6 +205,11 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
             # fp32 partial sums [SPLIT_K, M, N], reduced by the launcher in a fixed order
             p_o = out_ptr + i_s * M * N + o_m[:, None] * N + o_n[None, :]
             tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
+
+
+def word_aligned(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` itself, or a copy where its first byte is not 4-byte aligned (the kernels read words)."""
+    return codes if codes.data_ptr() % 4 == 0 else codes.clone()
 
 
 def _pick_config(m: int):
@@ -140,6 +251,9 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
+    w_codes = word_aligned(w_codes)
+    if fp4_x:
+        x = word_aligned(x)
     bm, bn, bk, warps, stages = _pick_config(m)
     if interpreting() or x.dtype == torch.float32:
         dot_dtype = tl.float32     # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug)
@@ -156,12 +270,12 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
         bias if bias is not None else dummy, target,
         m, n, k, x.stride(0), out.stride(0), k_per_split,
         X_FP4=fp4_x, HAS_BIAS=bias is not None, SPLIT_K=split, DOT_DTYPE=dot_dtype,
-        IEEE=dot_dtype == tl.float32, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
+        IEEE=dot_dtype == tl.float32, EVEN_K=k % bk == 0, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
         num_warps=warps, num_stages=stages)
     if split > 1:
-        acc = target.sum(0) * w_gs
+        acc = target.sum(0) * (w_gs / TILE_SCALE)
         if fp4_x:
-            acc = acc * x_gs
+            acc = acc * (x_gs / TILE_SCALE)
         if bias is not None:
             acc = acc + bias.float()
         out.copy_(acc)
