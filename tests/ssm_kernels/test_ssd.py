@@ -229,3 +229,13 @@ def test_gpu_super_shape(dtype):
     got = ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=128,
                        **_on("cuda", kw))
     _close(got, want, TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_refuses_chunk_over_shared_memory():
+    """chunk 256 needs 442,368 B of shared memory per block (bench.static), over sm_90's 232,448 B: a
+    clear error up front, not a launch failure; the CPU paths keep accepting it."""
+    args, _ = _problem(t=300, b=1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="chunk_size: at most 128 on a GPU"):
+        ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=256)
+    ssm.ssd_scan(*args, chunk_size=256)
