@@ -481,7 +481,7 @@ def eval_cmd(argv=None) -> int:
                                                   "model written by nemotron train.")
     p.add_argument("--model", required=True, help="the model directory (DIR/model of a training run)")
     p.add_argument("--cache", default=None,
-                   help="the token cache of the training run (default: the data/ beside --model)")
+                   help="the token cache (default: the data/ beside --model if there is one, else the user cache)")
     p.add_argument("--seq-len", type=_int_at_least(1), default=256)
     p.add_argument("--max-tokens", type=_int_at_least(2), default=None, help="evaluate the first N held-out tokens")
     p.add_argument("--prompts", type=_int_at_least(0), default=8, help="held-out prompts for MTP acceptance")
@@ -491,6 +491,9 @@ def eval_cmd(argv=None) -> int:
     if not os.path.exists(os.path.join(a.model, "tokenizer.json")):
         p.error(f"--model: no tokenizer.json in {a.model} (nemotron train writes one beside the model)")
     cache = a.cache or os.path.join(os.path.dirname(os.path.abspath(a.model)), "data")
+    if a.cache is None and not os.path.isdir(cache):     # not a training run's model (e.g. a shipped one)
+        from nemotron.train.data import default_cache_dir
+        cache = str(default_cache_dir())
     heldout, bpt = loop.stdlib_heldout(a.model, cache)
     print(json.dumps(loop.evaluate(a.model, heldout, seq_len=a.seq_len, max_tokens=a.max_tokens,
                                    bytes_per_token=None if a.max_tokens else bpt, prompts=a.prompts), indent=2))
