@@ -18,7 +18,8 @@ preset and short contexts (CPU numbers, interpreter for the kernels).
 on a trained model (default: the shipped NVFP4 demo checkpoint, ``nemotron.model.demo_checkpoint``):
 ``--new-tokens`` tokens after each of ``--prompts`` 64-token held-out prompts, for each number of MTP
 draft tokens k; it reports tokens/s, the ratio to k = 0 measured in the same run, the draft acceptance
-rate, tokens per round, and whether the output equals plain greedy token for token. Results go to
+rate, tokens per round, and whether the output equals plain greedy token for token (the median of
+``--reps`` passes, the k values interleaved). Results go to
 ``bench/results/<device>/model_mtp_<checkpoint>.json``.
 """
 from __future__ import annotations
@@ -132,28 +133,29 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
     sample, _ = heldout_sample(load_tokenizer(path), files=prompts, tokens_per_file=64)
     starts = [i * 65 for i in range(prompts)]                 # each prompt: one file's first 64 tokens
     batch = [sample[s:s + 64][None].to(device) for s in starts]
-    rows, plain = [], None
+    rows, outs, times = [], {}, {k: [] for k in ks}
     with torch.no_grad():
         model.generate(batch[0], max_new_tokens=8, mtp_draft_tokens=max(ks))   # warm-up
+        for _ in range(reps):             # the k values interleaved, so drifts of a shared machine hit all
+            for k in ks:
+                harness._sync(device)
+                t0 = time.perf_counter()
+                outs[k] = [model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k) for p in batch]
+                harness._sync(device)
+                times[k].append(time.perf_counter() - t0)
         for k in ks:
-            outs, drafted, accepted, rounds = [], 0, 0, 0
-            harness._sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                outs = [model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k) for p in batch]
-            harness._sync(device)
-            sec = (time.perf_counter() - t0) / reps
+            drafted = accepted = rounds = 0
             for p in batch:                                   # statistics: one more pass, untimed
                 model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k)
                 st = model.last_generate_stats
                 drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
-            emitted = sum(o.shape[1] - 64 for o in outs)
-            plain = outs if k == 0 else plain
-            same = None if plain is None else all(torch.equal(a, b) for a, b in zip(outs, plain))
-            row = dict(mtp_draft_tokens=k, tokens_per_s=emitted / sec, seconds=sec, acceptance_rate=
-                       accepted / drafted if drafted else None, tokens_per_round=(emitted - prompts) / rounds
-                       if k and rounds else 1.0, identical_to_plain=same)
-            rows.append(row)
+            sec = sorted(times[k])[len(times[k]) // 2]         # the median pass
+            emitted = sum(o.shape[1] - 64 for o in outs[k])
+            same = None if 0 not in outs else all(torch.equal(a, b) for a, b in zip(outs[k], outs[0]))
+            rows.append(dict(mtp_draft_tokens=k, tokens_per_s=emitted / sec, seconds=sec, pass_seconds=times[k],
+                             acceptance_rate=accepted / drafted if drafted else None,
+                             tokens_per_round=(emitted - prompts) / rounds if k and rounds else 1.0,
+                             identical_to_plain=same))
     base = next((r["tokens_per_s"] for r in rows if r["mtp_draft_tokens"] == 0), None)
     for r in rows:
         r["speedup_vs_plain"] = r["tokens_per_s"] / base if base else None
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="nvfp4", help="with --mtp: nvfp4 | bf16 (the demo checkpoints) or a DIR")
     p.add_argument("--prompts", type=int, default=4, help="with --mtp: held-out prompts")
     p.add_argument("--new-tokens", type=int, default=64, help="with --mtp: tokens generated per prompt")
-    p.add_argument("--reps", type=int, default=2, help="with --mtp: timed passes over the prompts")
+    p.add_argument("--reps", type=int, default=5, help="with --mtp: timed passes over the prompts (median)")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     if a.mtp is not None:
