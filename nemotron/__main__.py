@@ -146,7 +146,9 @@ def _explain_tiny() -> int:
     return 0
 
 
-DEMO_PROMPT = "def fibonacci(n):\n    if n"
+DEMO_PROMPT = "def fibonacci(n):\n    if n"     # the demo's generation prompt
+
+
 def _demo_model(compile_model: bool) -> bool:
     """The shipped stdlib-tiny models (trained on the Python standard library, in NVFP4 and in high
     precision): Python from a prompt, held-out loss of both, generation with and without MTP
