@@ -133,22 +133,21 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
     sample, _ = heldout_sample(load_tokenizer(path), files=prompts, tokens_per_file=64)
     starts = [i * 65 for i in range(prompts)]                 # each prompt: one file's first 64 tokens
     batch = [sample[s:s + 64][None].to(device) for s in starts]
-    rows, outs, times = [], {}, {k: [] for k in ks}
+    rows, outs, stats, times = [], {}, {}, {k: [] for k in ks}
     with torch.no_grad():
         model.generate(batch[0], max_new_tokens=8, mtp_draft_tokens=max(ks))   # warm-up
         for _ in range(reps):             # the k values interleaved, so drifts of a shared machine hit all
             for k in ks:
+                outs[k], stats[k] = [], []                    # greedy: every pass has the same outputs and stats
                 harness._sync(device)
                 t0 = time.perf_counter()
-                outs[k] = [model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k) for p in batch]
+                for p in batch:
+                    outs[k].append(model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k))
+                    stats[k].append(model.last_generate_stats)
                 harness._sync(device)
                 times[k].append(time.perf_counter() - t0)
         for k in ks:
-            drafted = accepted = rounds = 0
-            for p in batch:                                   # statistics: one more pass, untimed
-                model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k)
-                st = model.last_generate_stats
-                drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
+            drafted, accepted, rounds = (sum(st[f] for st in stats[k]) for f in ("drafted", "accepted", "rounds"))
             sec = sorted(times[k])[len(times[k]) // 2]         # the median pass
             emitted = sum(o.shape[1] - 64 for o in outs[k])
             same = None if 0 not in outs else all(torch.equal(a, b) for a, b in zip(outs[k], outs[0]))

@@ -4,17 +4,8 @@ import os
 
 import pytest
 
-from nemotron.__main__ import main
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
-
-
-def _error(capsys, argv, code, *fragments):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"nemotron {argv[0]}: error: "), err
-    for f in fragments:
-        assert f in err, err
-    return err
+from tests.cli import assert_cli_error as _error
 
 
 @pytest.fixture(scope="module")

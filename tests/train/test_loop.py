@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from nemotron.__main__ import main
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM
 from nemotron.model.config import PRESETS
 from nemotron.train import loop
+from tests.cli import assert_cli_error as _error
 from tests.close import assert_equal, rms
 
 # the tiny preset with NVFP4-trainable widths: 16 Mamba heads (in_proj 2 * 64 + 2 * 2 * 16 + 16 = 208),
@@ -136,14 +136,6 @@ def test_wsd_schedule():
     assert lrs[0] == pytest.approx(0.2) and lrs[4] == 1.0                 # 5 warmup steps
     assert lrs[5:80] == [1.0] * 75 and lrs[-1] == pytest.approx(0.1)      # stable, then decay to 10%
     assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
-
-
-def _error(capsys, argv, code, *fragments):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"nemotron {argv[0]}: error: "), err
-    for f in fragments:
-        assert f in err, err
 
 
 @pytest.mark.parametrize("argv, fragment", [

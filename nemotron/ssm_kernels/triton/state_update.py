@@ -62,6 +62,15 @@ def _state_update_fwd_kernel(s_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z
         tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
 
 
+def _per_head(A, D, dt_bias, h: int, p: int, n: int):
+    """A as ``[H, P, N]``, D and dt_bias as ``[H, P]`` (broadcast views; None stays None), and the
+    P and N block sizes both decode kernels launch with."""
+    a3 = A[:, None, None].expand(h, p, n) if A.dim() == 1 else A
+    d2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
+    dtb2 = None if dt_bias is None else (dt_bias[:, None].expand(h, p) if dt_bias.dim() == 1 else dt_bias)
+    return a3, d2, dtb2, min(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
+
+
 def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
                            state_indices=None):
     """In-place decode step (validated arguments, broadcast views allowed; see ops.selective_state_update)."""
@@ -71,13 +80,9 @@ def selective_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=Non
     if b == 0:
         return y
     dt3 = dt[..., None].expand(b, h, p) if dt.dim() == 2 else dt
-    a3 = A[:, None, None].expand(h, p, n) if A.dim() == 1 else A
-    d2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
-    dtb2 = None if dt_bias is None else (dt_bias[:, None].expand(h, p) if dt_bias.dim() == 1 else dt_bias)
+    a3, d2, dtb2, bp, bn = _per_head(A, D, dt_bias, h, p, n)
     zz = z if z is not None else x
     dummy = x
-    bp = min(16, triton.next_power_of_2(p))
-    bn = max(16, triton.next_power_of_2(n))
     _state_update_fwd_kernel[(b, h, triton.cdiv(p, bp))](
         state, x, dt3, a3, B, C, d2 if d2 is not None else dummy, zz, dtb2 if dtb2 is not None else dummy,
         state_indices if state_indices is not None else dummy, y,
@@ -150,13 +155,9 @@ def selective_state_update_multi(state, x, dt, A, B, C, states_out, *, D=None, z
     if b == 0 or t == 0:
         return y
     dt4 = dt[..., None].expand(b, t, h, p) if dt.dim() == 3 else dt
-    a3 = A[:, None, None].expand(h, p, n) if A.dim() == 1 else A
-    d2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
-    dtb2 = None if dt_bias is None else (dt_bias[:, None].expand(h, p) if dt_bias.dim() == 1 else dt_bias)
+    a3, d2, dtb2, bp, bn = _per_head(A, D, dt_bias, h, p, n)
     zz = z if z is not None else x
     dummy = x
-    bp = min(16, triton.next_power_of_2(p))
-    bn = max(16, triton.next_power_of_2(n))
     _state_update_multi_fwd_kernel[(b, h, triton.cdiv(p, bp))](
         state, states_out, x, dt4, a3, B, C, d2 if d2 is not None else dummy, zz,
         dtb2 if dtb2 is not None else dummy, y,
