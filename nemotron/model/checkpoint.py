@@ -30,6 +30,7 @@ head float.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import pathlib
@@ -44,6 +45,7 @@ from torch import nn
 from ..moe_kernels.layer import MoEExperts
 from ..nvfp4.linear import FP8Linear, NVFP4Linear
 from ..quantize import quantize_
+from . import distributed
 from .config import NemotronHConfig
 from .model import TiedLMHead
 
@@ -68,14 +70,12 @@ def _read_json(file: str):
         raise CheckpointError(f"{file}: not UTF-8 JSON text (byte {err.start}: {err.reason})") from None
 
 
-def _read_safetensors(file: str) -> dict:
-    """The tensors of one safetensors file; a truncated, empty or garbled file is a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(file)
-    except SafetensorError as err:
-        raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
+def _get_tensor(handle, name: str, rows: slice) -> torch.Tensor:
+    """Read one tensor (or the rows ``rows`` of its first dimension) from an open safetensors file:
+    the one place the loader reads tensor data, so nothing else is materialized."""
+    if rows == slice(None):
+        return handle.get_tensor(name)
+    return handle.get_slice(name)[rows]
 
 
 # ---- quantization config ----------------------------------------------------------------------
@@ -128,7 +128,7 @@ def recipe_from_quant_config(q: dict, model: nn.Module) -> dict:
         if isinstance(mod, nn.Linear) and not skip(name) and not name.startswith("mtp."):
             recipe[name] = algo.lower()
         elif isinstance(mod, MoEExperts) and not skip(name) and not name.startswith("mtp."):
-            for e in range(mod.num_experts):
+            for e in range(mod.first, mod.first + mod.num_experts):
                 for p in ("up_proj", "down_proj"):
                     recipe[f"{name}.{e}.{p}"] = algo.lower()
     return recipe
@@ -159,9 +159,9 @@ def quant_config_of(model: nn.Module) -> Optional[dict]:
         elif isinstance(mod, FP8Linear):
             layers[name] = {"quant_algo": "FP8"}
         elif isinstance(mod, MoEExperts) and mod.quant == "nvfp4":
-            for e in range(mod.num_experts):
+            for e in range(mod.num_global):            # every rank's experts: under expert parallelism too
                 for p in ("up_proj", "down_proj"):
-                    layers[f"{name}.{mod.first + e}.{p}"] = {"quant_algo": "NVFP4", "group_size": 16}
+                    layers[f"{name}.{e}.{p}"] = {"quant_algo": "NVFP4", "group_size": 16}
     if not layers:
         return None
     return {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "quantized_layers": layers,
@@ -170,10 +170,13 @@ def quant_config_of(model: nn.Module) -> Optional[dict]:
 
 # ---- construction -------------------------------------------------------------------------------
 
-def _skeleton(cls, config: NemotronHConfig, device, dtype):
-    """The model with uninitialized float weights (built on meta, then given storage)."""
+def _skeleton(cls, config: NemotronHConfig, device, dtype, ep_group=None, ep_timeout=None):
+    """The model with uninitialized float weights (built on meta, then given storage; under expert
+    parallelism only this rank's experts get storage)."""
     with torch.device("meta"):
         model = cls(config, dtype=dtype)
+    if ep_group is not None:
+        distributed.shard_experts_(model, ep_group, ep_timeout)
     model.to_empty(device=device)
     for mod in model.modules():       # buffers the loaders do not overwrite must be sane
         if hasattr(mod, "e_score_correction_bias"):
@@ -216,11 +219,13 @@ def _init_random(module: nn.Module, config: NemotronHConfig, gen: torch.Generato
                 mod.e_score_correction_bias.zero_()
 
 
-def _sub_recipe(recipe, prefix: str):
-    """The part of ``recipe`` for the unit ``prefix``, under the unit's own names ("" for the unit)."""
+def _sub_recipe(recipe, prefix: str, other_rank=None):
+    """The part of ``recipe`` for the unit ``prefix``, under the unit's own names ("" for the unit);
+    entries of routed experts another rank holds (``other_rank(name)``) left out."""
     if recipe is None or isinstance(recipe, str):
         return recipe
-    return {k[len(prefix) + 1:]: v for k, v in recipe.items() if k == prefix or k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1:]: v for k, v in recipe.items() if (k == prefix or k.startswith(prefix + "."))
+            and not (other_rank is not None and other_rank(k))}
 
 
 def _check_recipe_names(recipe, units: list) -> None:
@@ -233,21 +238,29 @@ def _check_recipe_names(recipe, units: list) -> None:
                          "(a tied lm_head is the embedding table and stays float)")
 
 
-def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0):
+def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0,
+                 ep_group=None, ep_timeout=distributed.DEFAULT_TIMEOUT_S):
     """Each unit (embeddings, one layer, the head, an MTP sublayer) gets storage, random weights and
     its quantization before the next one is touched: peak memory is the quantized model plus one
-    unit in full precision (the full Super fits one 80 GB GPU all-NVFP4)."""
+    unit in full precision (the full Super fits one 80 GB GPU all-NVFP4). Under expert parallelism
+    a MoE unit draws all E experts (so every rank's values are the single-process model's), keeps
+    its own E / W and frees the rest before it is quantized."""
     device = torch.device(device or "cpu")
     dtype = dtype or _DTYPES.get(config.dtype, torch.bfloat16)
+    distributed.check_group(ep_group, config)
     with torch.device("meta"):
         model = cls(config, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     units = _units(model)
     _check_recipe_names(recipe, units)
+    other_rank = None
     for prefix, unit in units:
         unit.to_empty(device=device)
         _init_random(unit, config, gen, device)
-        sub = _sub_recipe(recipe, prefix)
+        if ep_group is not None:
+            distributed.shard_experts_(unit, ep_group, ep_timeout)
+            other_rank = distributed.is_other_rank_expert(model)
+        sub = _sub_recipe(recipe, prefix, other_rank)
         if sub:
             new = quantize_(unit, sub)
             if new is not unit:             # the unit is itself a linear (lm_head): swap it in its parent
@@ -268,38 +281,52 @@ def _shard_name(index: str, name) -> str:
     return name
 
 
-def _read_tensors(path: str, progress: bool) -> dict:
-    """All tensors of a checkpoint directory. With an index, exactly the tensors it maps, each from
-    the file it names; without one, the ``*.safetensors`` files, each tensor in one file only."""
+def _files(path: str) -> tuple[list, Optional[dict], str]:
+    """(the safetensors files, the index's weight map or None, the index file) of a checkpoint."""
     index = os.path.join(path, INDEX)
-    weight_map = None
-    if os.path.exists(index):
-        d = _read_json(index)
-        weight_map = d.get("weight_map") if isinstance(d, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: file name}}}}")
-        files = sorted({_shard_name(index, v) for v in weight_map.values()})
-        for name in files:
-            if not os.path.isfile(os.path.join(path, name)):
-                raise CheckpointError(f"{index}: lists {name}, which is not in {path}")
-    else:
+    if not os.path.exists(index):
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"path: no *.safetensors and no {INDEX} in {path}")
+        return files, None, index
+    d = _read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: file name}}}}")
+    files = sorted({_shard_name(index, v) for v in weight_map.values()})
+    for name in files:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{index}: lists {name}, which is not in {path}")
+    return files, weight_map, index
+
+
+def _read_tensors(path: str, progress: bool, select=None) -> dict:
+    """The tensors of a checkpoint directory, each read lazily by name (``safe_open``). With an index,
+    exactly the tensors it maps, each from the file it names; without one, the ``*.safetensors``
+    files, each tensor in one file only. ``select(name)`` (expert parallelism) returns None for a
+    tensor this rank does not hold, which is then never read, or the rows of it to read."""
+    from safetensors import SafetensorError, safe_open
+    files, weight_map, index = _files(path)
     tensors, origin = {}, {}
     try:
         for i, name in enumerate(files):
             if progress:
                 print(f"\rloading {name} ({i + 1}/{len(files)})", end="", flush=True)
-            part = _read_safetensors(os.path.join(path, name))
-            for k in part:
-                if k in origin:
-                    raise CheckpointError(f"{path}: tensor {k} is in both {origin[k]} and {name}")
-                if weight_map is not None and weight_map.get(k) != name:
-                    raise CheckpointError(f"{index}: {name} holds {k}, which the index maps to "
-                                          f"{weight_map.get(k) or 'no file'}")
-                origin[k] = name
-            tensors.update(part)
+            file = os.path.join(path, name)
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for k in f.keys():
+                        if k in origin:
+                            raise CheckpointError(f"{path}: tensor {k} is in both {origin[k]} and {name}")
+                        if weight_map is not None and weight_map.get(k) != name:
+                            raise CheckpointError(f"{index}: {name} holds {k}, which the index maps to "
+                                                  f"{weight_map.get(k) or 'no file'}")
+                        origin[k] = name
+                        rows = slice(None) if select is None else select(k)
+                        if rows is not None:
+                            tensors[k] = _get_tensor(f, k, rows)
+            except SafetensorError as err:
+                raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
     finally:
         if progress:
             print()
@@ -392,7 +419,11 @@ def _load(model: nn.Module, tensors: dict, source: str) -> None:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False):
+def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False, ep_group=None,
+                    ep_timeout=distributed.DEFAULT_TIMEOUT_S):
+    """The model of a checkpoint directory. Under expert parallelism (``ep_group``) every rank first
+    checks that the others read the same checkpoint (:func:`distributed.checkpoint_digest`, one
+    all_gather), then reads the dense tensors and only its own routed experts."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a checkpoint directory")
     file = os.path.join(path, "config.json")
@@ -407,9 +438,13 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
         raise CheckpointError(f"{file}: {err}") from None
     device = torch.device(device or "cpu")
     dtype = dtype or _DTYPES.get(config.dtype, torch.bfloat16)
-    model = _skeleton(cls, config, device, dtype)
+    distributed.check_group(ep_group, config)
+    if ep_group is not None:
+        distributed.agree(ep_group, distributed.checkpoint_digest(path, _files(path)[0]), f"checkpoint ({path})",
+                          ep_timeout)
+    model = _skeleton(cls, config, device, dtype, ep_group, ep_timeout)
     source = f"checkpoint {path}"
-    tensors = _read_tensors(path, progress)
+    tensors = _read_tensors(path, progress, distributed.expert_selector(model) if ep_group is not None else None)
     _untie_if_distinct(model, tensors, source)
     q, q_file = _quant_config(path, config_dict)
     if q is not None:
@@ -417,11 +452,17 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
             for p in model.parameters():
                 p.zero_()
         try:
-            _apply_recipe(model, recipe_from_quant_config(q, model))
+            recipe = recipe_from_quant_config(q, model)
+            if ep_group is not None:
+                other_rank = distributed.is_other_rank_expert(model)
+                recipe = {k: v for k, v in recipe.items() if not other_rank(k)}
+            _apply_recipe(model, recipe)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{q_file}: {err}") from None
     _load(model, tensors, source)
     _activation_modes(model)
+    if progress:
+        print(distributed.memory_line(model), flush=True)
     return model.eval()
 
 
@@ -448,7 +489,11 @@ def _owned(name: str) -> bool:
     return name in ("config.json", QUANT_CONFIG) or name.endswith((".safetensors", ".safetensors.index.json"))
 
 
-def _write(model, path: str, max_shard_bytes: Optional[int]) -> None:
+def _write(model, path: str, max_shard_bytes: Optional[int], peers=()) -> None:
+    """config.json (+ quantization config) and the tensors: this process's state dict, then each
+    ``peers`` state dict (other ranks' routed experts, one at a time), split into files of at most
+    ``max_shard_bytes``; one ``model.safetensors`` when there is one piece and no limit, else shards
+    ``model-XXXXX-of-NNNNN.safetensors`` and the index."""
     from safetensors.torch import save_file
     q = quant_config_of(model)
     extra = {"dtype": str(model.dtype).replace("torch.", "")}
@@ -458,24 +503,31 @@ def _write(model, path: str, max_shard_bytes: Optional[int]) -> None:
             json.dump({"producer": q["producer"], "quantization": {k: v for k, v in q.items() if k != "producer"}},
                       f, indent=2)
     model.config.save_pretrained(path, extra=extra)
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    if max_shard_bytes is None:
-        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    own = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    pieces = itertools.chain([own], (sd for _, sd in peers))
+    written, total = [], 0                  # (temporary file name, its tensor names)
+    for piece in pieces:
+        shards, cur, size = [], {}, 0
+        for k, v in piece.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size, total = v, size + nbytes, total + nbytes
+        shards.append(cur)
+        for shard in shards:
+            name = f"part-{len(written):05d}.tmp"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            written.append((name, list(shard)))
+        del piece, shards, cur
+    if len(written) == 1 and max_shard_bytes is None:
+        os.rename(os.path.join(path, written[0][0]), os.path.join(path, "model.safetensors"))
         return
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + nbytes
-    shards.append(cur)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
+    for i, (tmp, keys) in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.rename(os.path.join(path, tmp), os.path.join(path, name))
+        weight_map.update({k: name for k in keys})
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
@@ -524,10 +576,26 @@ def _fresh_dir(target: str) -> str:
             continue
 
 
-def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
-    """Write the checkpoint into a fresh directory beside ``path`` and swap it in (module docstring)."""
+def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None, ep_timeout: Optional[float] = 600.0
+                    ) -> None:
+    """Write the checkpoint into a fresh directory beside ``path`` and swap it in (module docstring).
+
+    Under expert parallelism every rank calls it: rank 0 writes the whole checkpoint (no shared
+    filesystem needed), its own tensors first, then each other rank's routed experts, received one
+    rank at a time into a shard of their own (rank 0 holds its model plus one rank's experts); the
+    result is one ordinary sharded checkpoint with its index, loadable on one process or any world
+    size that divides the experts. The other ranks return once rank 0 reports the swap done; every
+    wait is bounded by ``ep_timeout`` seconds (rank 0 writes the ranks' shards in turn)."""
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes: expected a positive byte count or None, got {max_shard_bytes}")
+    group = distributed.ep_group_of(model)
+    if group is not None and group.size() > 1:
+        distributed.save_from_ranks(model, group, ep_timeout, lambda peers: _save(model, path, max_shard_bytes, peers))
+    else:
+        _save(model, path, max_shard_bytes, ())
+
+
+def _save(model, path: str, max_shard_bytes: Optional[int], peers) -> None:
     target = os.path.realpath(path)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"path: {path} exists and is not a directory")
@@ -541,7 +609,7 @@ def save_pretrained(model, path: str, *, max_shard_bytes: Optional[int] = None) 
         if os.path.isdir(target):
             shutil.copymode(target, tmp)
             _carry_over(target, tmp)
-        _write(model, tmp, max_shard_bytes)
+        _write(model, tmp, max_shard_bytes, peers)
         for root, dirs, files in os.walk(tmp):
             for f in files:
                 if not os.path.islink(os.path.join(root, f)):

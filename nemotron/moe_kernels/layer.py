@@ -31,6 +31,22 @@ from ..nvfp4.format import KeepsStorageDtypes, NVFP4Tensor
 from . import fast, ops
 
 
+def ep_world(ep_group, num_experts: int) -> tuple[int, int]:
+    """(world size, rank) of an expert-parallel group (``(1, 0)`` for None); a world size that does
+    not divide the expert count is refused (every rank holds the same number of experts)."""
+    if ep_group is None:
+        return 1, 0
+    if not (callable(getattr(ep_group, "size", None)) and callable(getattr(ep_group, "rank", None))):
+        raise TypeError(f"ep_group: expected a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None, "
+                        f"got {type(ep_group).__name__}")
+    world, rank = ep_group.size(), ep_group.rank()
+    if num_experts % world:
+        raise ValueError(f"ep_group: the {num_experts} routed experts per MoE layer do not divide evenly over a world "
+                         f"size of {world} (each rank holds E / W experts); use a world size that divides "
+                         f"{num_experts}")
+    return world, rank
+
+
 class MoEExperts(KeepsStorageDtypes, nn.Module):
     """Stacked routed experts, ``up_proj [E, I, l]`` and ``down_proj [E, l, I]`` (HF's in-memory layout).
 
@@ -107,6 +123,44 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
     def slots(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return ops.expert_slots(x, weights, ids, *self.weights())
 
+    # -- expert parallelism ---------------------------------------------------------------------
+    def stacked(self) -> dict:
+        """The per-expert stacks by attribute name, each ``[E_local, ...]`` (absent ones left out):
+        ``up_proj`` / ``down_proj``, or the NVFP4 ``{up,down}_{codes,scales,gs,input_scale}``."""
+        names = ("up_proj", "down_proj") if self.quant is None else tuple(
+            f"{s}_{f}" for s in ("up", "down") for f in ("codes", "scales", "gs", "input_scale"))
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def narrow_(self, first: int, count: int) -> "MoEExperts":
+        """Keep only experts ``[first, first + count)`` (global ids) of those held, in place; the
+        others' storage is released (free on the meta device, where a model is built)."""
+        lo = first - self.first
+        if not (0 <= lo and count >= 1 and lo + count <= self.num_experts):
+            raise ValueError(f"narrow_: experts [{first}, {first + count}) are not all held by this module "
+                             f"(it holds [{self.first}, {self.first + self.num_experts}))")
+        for name, t in self.stacked().items():
+            part = t.detach()[lo:lo + count].clone()
+            if isinstance(t, nn.Parameter):
+                setattr(self, name, nn.Parameter(part, requires_grad=t.requires_grad))
+            else:
+                setattr(self, name, part)
+        self.first, self.num_experts = first, count
+        return self
+
+    def peer(self, first: int, stacks: dict) -> "MoEExperts":
+        """A module like this one holding another rank's experts ``[first, first + E_local)`` from
+        ``stacks`` (as :meth:`stacked` returns them): its ``state_dict()`` names them as checkpoints do."""
+        other = MoEExperts(self.num_experts, self.hidden, self.intermediate, first=first, num_global=self.num_global,
+                           device="meta")
+        if self.quant is None:
+            other.up_proj, other.down_proj = nn.Parameter(stacks["up_proj"]), nn.Parameter(stacks["down_proj"])
+            return other
+        del other.up_proj, other.down_proj
+        other._set_nvfp4(NVFP4Tensor(stacks["up_codes"], stacks["up_scales"], stacks["up_gs"]),
+                         NVFP4Tensor(stacks["down_codes"], stacks["down_scales"], stacks["down_gs"]),
+                         (stacks.get("up_input_scale"), stacks.get("down_input_scale")))
+        return other
+
     def extra_repr(self) -> str:
         return (f"experts={self.first}..{self.first + self.num_experts - 1} of {self.num_global}, "
                 f"hidden={self.hidden}, intermediate={self.intermediate}, format={self.quant or 'float'}")
@@ -160,10 +214,14 @@ class MoEExperts(KeepsStorageDtypes, nn.Module):
             raise TypeError(f"{prefix}{name}: the module holds NVFP4 experts; a stacked float tensor cannot load")
         p = getattr(self, name)
         want = (self.num_global, *p.shape[1:])
-        if tuple(t.shape) != want:
+        if self.num_experts != self.num_global and tuple(t.shape) == tuple(p.shape):
+            rows = t                        # this rank's rows only, as the expert-parallel loader reads them
+        elif tuple(t.shape) != want:
             raise ValueError(f"{prefix}{name}: expected shape {want}, got {tuple(t.shape)}")
+        else:
+            rows = t[self.first:self.first + self.num_experts]
         with torch.no_grad():
-            p.copy_(t[self.first:self.first + self.num_experts])
+            p.copy_(rows)
 
     def _load_per_expert(self, mine, own, prefix, missing_keys) -> set:
         used = set()
@@ -320,9 +378,7 @@ class LatentMoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = nn.Identity()
         self.ep_group = ep_group
-        world, rank = (1, 0) if ep_group is None else (ep_group.size(), ep_group.rank())
-        if num_experts % world:
-            raise ValueError(f"ep_group: num_experts = {num_experts} must divide evenly over {world} ranks")
+        world, rank = ep_world(ep_group, num_experts)
         local = num_experts // world
         self.experts = MoEExperts(local, width, intermediate_size, first=rank * local, num_global=num_experts, **kw)
         self.shared_experts = ReLU2MLP(hidden_size, shared_intermediate_size, bias=bias, **kw)
@@ -339,6 +395,18 @@ class LatentMoE(nn.Module):
                    renormalize=getattr(config, "norm_topk_prob", True),
                    scaling_factor=getattr(config, "routed_scaling_factor", 1.0),
                    bias=getattr(config, "mlp_bias", False), **kwargs)
+
+    def shard_experts_(self, ep_group) -> "LatentMoE":
+        """Put a layer holding all E experts under expert parallelism, in place: it keeps experts
+        ``[rank * E / W, (rank + 1) * E / W)`` (the others' storage is released; free when the layer
+        is on the meta device, as the model loaders build it) and exchanges tokens over ``ep_group``."""
+        if self.ep_group is not None or self.experts.num_experts != self.num_experts:
+            raise ValueError("shard_experts_: the layer's experts are already split over a group")
+        world, rank = ep_world(ep_group, self.num_experts)
+        local = self.num_experts // world
+        self.experts.narrow_(rank * local, local)
+        self.ep_group = ep_group
+        return self
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.ep_group is not None and torch.is_grad_enabled() and (
