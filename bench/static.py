@@ -76,6 +76,7 @@ MOE_TOKENS = (1, 1024, 8192)           # mean rows per touched expert 1 / 44 / 8
 PREFILL_T = 8192
 SCAN_T = 65536                         # the long-context batch-1 scan (T does not specialize)
 DRAFT_T = 4                            # MTP verification: the drafted tokens in one update call
+DECODE_MAX_LEN = 512 * 1024            # decode attention's KV buffer (the grid depends on it, not on the length)
 SSD_CHUNKS = (16, 32, 64, 128, 256)    # ops.CHUNK_SIZES: every chunk size the public API accepts
 SSD_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -182,6 +183,18 @@ def _state_update_case(s, *, multi):
     return run
 
 
+def _decode_attention_case(s, *, fp8, t=1):
+    def run():
+        from nemotron.attention.triton import decode
+        hq, hkv, d = s["q_heads"], s["kv_heads"], s["attn_dim"]
+        kv = "float8_e4m3fn" if fp8 else "bfloat16"
+        scales = dict(k_scale=_meta(1, dtype="float32"), v_scale=_meta(1, dtype="float32")) if fp8 else {}
+        decode.decode_attention(_meta(1, t, hq, d), _meta(1, hkv, DECODE_MAX_LEN, d, dtype=kv),
+                                _meta(1, hkv, DECODE_MAX_LEN, d, dtype=kv), _meta(1, dtype="int32"), scale=d ** -0.5,
+                                **scales)
+    return run
+
+
 def _gated_rmsnorm_case(s, rows):
     def run():
         from nemotron.ssm_kernels.triton import gated_rmsnorm
@@ -260,6 +273,9 @@ def cases(presets=("super", "nano")) -> list[Case]:
         add("causal_conv1d_update_multi", f"T{DRAFT_T}", _conv_multi_case(s))
         add("selective_state_update", "B1", _state_update_case(s, multi=False))
         add("selective_state_update_multi", f"T{DRAFT_T}", _state_update_case(s, multi=True))
+        for fp8 in (False, True):
+            for t in (1, DRAFT_T):
+                add("decode_attention", f"{'fp8' if fp8 else 'bf16'}.T{t}.L512K", _decode_attention_case(s, fp8=fp8, t=t))
         add("gated_rmsnorm", f"T{PREFILL_T}", _gated_rmsnorm_case(s, PREFILL_T))
         inter = s["heads"] * s["head_dim"]
         add("norm_quantize", f"hidden.T{PREFILL_T}", _norm_quantize_case(PREFILL_T, s["hidden"], s["hidden"],
@@ -420,6 +436,8 @@ _UNITS = {
     "_hadamard_fwd_kernel": ("element", lambda c: c["BM"] * c["NB"] * 16),
     "_row_col_amax_fwd_kernel": ("element", lambda c: c["BM"] * c["BK"]),
     "_row_col_quantize_fwd_kernel": ("element", lambda c: c["BM"] * c["BK"]),
+    "_decode_attention_fwd_kernel": ("element", lambda c: 2 * c["BN"] * c["BD"]),    # K and V elements of a tile
+    "_decode_attention_reduce_fwd_kernel": ("element", lambda c: c["BD"]),
 }
 
 

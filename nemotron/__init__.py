@@ -7,10 +7,10 @@ from . import dispatch  # noqa: F401  (first: chooses Triton's interpreter befor
 from .quantize import prepare_training_, quantize_
 
 __version__ = "0.1.0"
-__all__ = ["quantize_", "prepare_training_", "dispatch", "nvfp4", "ssm_kernels", "moe_kernels", "model", "graph",
-           "train"]
+__all__ = ["quantize_", "prepare_training_", "dispatch", "nvfp4", "ssm_kernels", "moe_kernels", "attention", "model",
+           "graph", "train"]
 
-_SUBPACKAGES = ("nvfp4", "ssm_kernels", "moe_kernels", "model", "graph", "train")
+_SUBPACKAGES = ("nvfp4", "ssm_kernels", "moe_kernels", "attention", "model", "graph", "train")
 
 
 def __getattr__(name):

@@ -249,6 +249,8 @@ TABLE: dict[str, tuple] = {
                     _FAST("torch fp32 grouped matmuls"), REFERENCE),
     "moe_routed_experts": (_moe_triton("torch routing + Triton grouped GEMM in one op"),
                            _FAST("torch routing + fp32 grouped matmuls"), REFERENCE),
+    "decode_attention": (_triton("Triton split-KV flash decoding over the live KV (partial softmax per split + reduction)"),
+                         _FAST("torch SDPA per row on the live KV slice"), REFERENCE),
 }
 
 

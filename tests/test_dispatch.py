@@ -43,6 +43,8 @@ def _every_op(x16, ssm_in, moe_in):
     out.append(mk.combine(mk.expert_slots(h, wts, ids, up, down), 2, h.dtype))
     out.append(mk.permute(ids, up.shape[0])[1])
     out.append(mk.experts(h, *mk.route(logits, top_k=3), up, down))          # fused: moe_routed_experts
+    kv = x16.reshape(2, 1, 4, 16)                                             # [B, Hkv, L, D]
+    out.append(nemotron.attention.decode_attention(x16[:2].reshape(2, 2, 16), kv, kv * 0.5, torch.tensor([3, 4])))
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .. import dispatch
+from ..attention import ops as _attention_ops  # noqa: F401
 from ..moe_kernels import ops as _moe_ops  # noqa: F401  (registers the ops the passes match)
 from ..nvfp4 import ops as _nvfp4_ops  # noqa: F401
 from ..ssm_kernels import ops as _ssm_ops  # noqa: F401
