@@ -17,25 +17,50 @@ software-pipelined K loop).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ...dispatch import interpreting
 
-# Launch configurations by shape class. Defaults, not yet tuned on a GPU: `python -m bench
-# nvfp4_linear` measures them; the Nemotron shapes get entries here once measured.
-# (max M, BM, BN, BK, num_warps, num_stages)
+# Launch configurations by M bucket: (max M, BM, BN, BK, num_warps, num_stages, occupancy). Occupancy:
+# resident CTAs per SM on sm_90 as `python -m bench.static` measures them (registers, shared memory);
+# the persistent grid of the many-rows class holds exactly that many programs per SM. The few-rows
+# buckets (M <= 64, split-K) take their BN and split from TUNED, or from _decode_shape for other shapes.
 CONFIGS = [
-    (16, 16, 64, 128, 4, 4),
-    (32, 32, 64, 128, 4, 4),
-    (64, 64, 64, 128, 4, 4),
-    (512, 64, 128, 64, 4, 3),
-    (None, 128, 128, 128, 8, 3),
+    (16, 16, 64, 128, 4, 4, 3),
+    (32, 32, 64, 128, 4, 4, 2),
+    (64, 64, 64, 128, 4, 4, 2),
+    (512, 64, 128, 64, 4, 3, 3),
+    (None, 128, 128, 128, 8, 3, 1),
 ]
+SPLIT_K_MAX_M = 64
 GROUP_M = 8
-
-
+# The few-rows launch shapes of the Nemotron linears on a 132-SM Hopper (H100 / H200 SXM), chosen with
+# the static report (bench.static): (N, K, max M of the bucket) -> (BN, split). Each reaches >= 2 CTAs
+# per SM with the per-SM share of CTAs within 10% of the mean where the shape allows, >= 2 K steps per
+# split, and the expansion at <= 6 SASS instructions per weight.
+TUNED_SMS = 132
+TUNED = {
+    (18560, 4096, 16): (64, 4), (18560, 4096, 32): (64, 4), (18560, 4096, 64): (64, 4),   # super in_proj
+    (4096, 8192, 16): (64, 8), (4096, 8192, 32): (64, 8), (4096, 8192, 64): (64, 8),   # super out_proj
+    (4096, 4096, 16): (64, 8), (4096, 4096, 32): (64, 8), (4096, 4096, 64): (64, 8),   # super q_proj, super o_proj
+    (256, 4096, 16): (16, 32), (256, 4096, 32): (16, 32), (256, 4096, 64): (32, 32),   # super kv_proj
+    (5376, 4096, 16): (64, 16), (5376, 4096, 32): (64, 16), (5376, 4096, 64): (64, 16),   # super shared_up
+    (4096, 5376, 16): (64, 6), (4096, 5376, 32): (64, 6), (4096, 5376, 64): (64, 6),   # super shared_down
+    (131072, 4096, 16): (64, 1), (131072, 4096, 32): (64, 1), (131072, 4096, 64): (64, 1),   # super lm_head
+    (1024, 4096, 16): (32, 16), (1024, 4096, 32): (32, 16), (1024, 4096, 64): (64, 32),   # super fc1_latent
+    (4096, 1024, 16): (32, 4), (4096, 1024, 32): (32, 4), (4096, 1024, 64): (64, 8),   # super fc2_latent
+    (10304, 2688, 16): (64, 3), (10304, 2688, 32): (64, 3), (10304, 2688, 64): (64, 3),   # nano in_proj
+    (2688, 4096, 16): (32, 16), (2688, 4096, 32): (32, 16), (2688, 4096, 64): (64, 32),   # nano out_proj, nano o_proj
+    (4096, 2688, 16): (64, 6), (4096, 2688, 32): (64, 6), (4096, 2688, 64): (64, 21),   # nano q_proj
+    (256, 2688, 16): (16, 21), (256, 2688, 32): (16, 21), (256, 2688, 64): (32, 21),   # nano kv_proj
+    (3712, 2688, 16): (64, 11), (3712, 2688, 32): (64, 11), (3712, 2688, 64): (64, 21),   # nano shared_up
+    (2688, 3712, 16): (64, 15), (2688, 3712, 32): (64, 15), (2688, 3712, 64): (64, 29),   # nano shared_down
+    (131072, 2688, 16): (64, 1), (131072, 2688, 32): (64, 1), (131072, 2688, 64): (64, 1),   # nano lm_head
+}
 # Expanded tiles hold ``value * block_scale * TILE_SCALE`` (exact in bf16/fp16, see _FP4_ASM_BF16); the
 # epilogue multiplies the global scale by 1 / TILE_SCALE, a power of two, so the result is unchanged.
 TILE_SCALE = 2.0 ** -7
@@ -203,7 +228,7 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
             tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
         else:
             # fp32 partial sums [SPLIT_K, M, N], reduced by the launcher in a fixed order
-            p_o = out_ptr + i_s * M * N + o_m[:, None] * N + o_n[None, :]
+            p_o = out_ptr + i_s.to(tl.int64) * M * N + o_m[:, None] * N + o_n[None, :]
             tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
 
 
@@ -212,27 +237,73 @@ def word_aligned(codes: torch.Tensor) -> torch.Tensor:
     return codes if codes.data_ptr() % 4 == 0 else codes.clone()
 
 
-def _pick_config(m: int):
-    for max_m, bm, bn, bk, warps, stages in CONFIGS:
+class LaunchConfig(NamedTuple):
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    split: int          # K splits (fp32 partials reduced in a fixed order); 1: no split
+    programs: int       # grid dim 0: one program per output tile, or the persistent grid
+
+
+def _bucket(m: int):
+    for max_m, bm, bn, bk, warps, stages, occ in CONFIGS:
         if max_m is None or m <= max_m:
-            return bm, bn, bk, warps, stages
+            return max_m, bm, bn, bk, warps, stages, occ
     raise AssertionError("CONFIGS ends with a catch-all")
+
+
+def _imbalance(ctas: int, sms: int) -> float:
+    """Largest per-SM share of equal CTAs over the mean share."""
+    return triton.cdiv(ctas, sms) * sms / ctas
+
+
+def _decode_shape(n: int, k: int, m_tiles: int, bm: int, bk: int, sms: int) -> tuple[int, int]:
+    """(BN, split) for few rows. Candidates: BN 64 / 32 / 16 (64 / 32 for BM 64, whose wgmma tiles cost
+    twice the instructions per weight when narrower) and every split that leaves no split empty.
+    Preferred: >= 2 CTAs per SM, the per-SM share within 10% of the mean, >= 2 K steps per split (any
+    for BM 64); among those the widest BN, then splits of equal length, then the fewest. Failing that,
+    the same with 1 K step allowed; failing that, >= 2 CTAs per SM however balanced; failing that, the
+    most CTAs."""
+    steps = triton.cdiv(k, bk)
+    cands = []
+    for bn in (64, 32) if bm >= 64 else (64, 32, 16):
+        for split in range(1, steps + 1):
+            per = triton.cdiv(steps, split)
+            if (split - 1) * per < steps:
+                cands.append((bn, split, per, m_tiles * triton.cdiv(n, bn) * split))
+    min_steps = 1 if bm >= 64 else 2
+    rank = lambda c: (-c[0], steps % c[1] != 0, c[1])  # noqa: E731
+    balanced = lambda c: c[3] >= 2 * sms and _imbalance(c[3], sms) <= 1.1  # noqa: E731
+    for accept in (lambda c: balanced(c) and c[2] >= min_steps, balanced, lambda c: c[3] >= 2 * sms):
+        ok = [c for c in cands if accept(c)]
+        if ok:
+            best = min(ok, key=rank)
+            return best[0], best[1]
+    best = max(cands, key=lambda c: (c[3], c[0]))
+    return best[0], best[1]
+
+
+def pick_config(m: int, n: int, k: int, sms: int) -> LaunchConfig:
+    """The launch of ``[m, k] @ [n, k].T`` on a GPU with ``sms`` SMs: the M bucket of CONFIGS; for few
+    rows the tuned (or derived) BN and K split; for many rows a persistent grid of occupancy x SMs."""
+    max_m, bm, bn, bk, warps, stages, occ = _bucket(m)
+    m_tiles = triton.cdiv(m, bm)
+    if m <= SPLIT_K_MAX_M:
+        tuned = TUNED.get((n, k, max_m)) if sms == TUNED_SMS else None
+        bn, split = tuned or _decode_shape(n, k, m_tiles, bm, bk, sms)
+        if bm <= 32:
+            # mma.sync tiles: narrower BN, fewer warps, so each thread keeps the words of the 64-wide tile
+            # over which the loop's fixed cost (addresses, masks, barriers) is spread
+            warps = max(1, warps * bn // 64)
+        return LaunchConfig(bm, bn, bk, warps, stages, split, m_tiles * triton.cdiv(n, bn))
+    tiles = m_tiles * triton.cdiv(n, bn)
+    return LaunchConfig(bm, bn, bk, warps, stages, 1, min(tiles, occ * sms))
 
 
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
-def _split_k(m_tiles: int, n_tiles: int, k: int, bk: int, device: torch.device) -> int:
-    """Split K until the grid covers the GPU twice, keeping >= 4 K-steps per split."""
-    if m_tiles > 1:
-        return 1
-    sms = _num_sms(device)
-    steps = triton.cdiv(k, bk)
-    split = 1
-    while n_tiles * split * 2 <= 2 * sms and steps // (split * 2) >= 4:
-        split *= 2
-    return split
 
 
 def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: torch.Tensor,
@@ -247,6 +318,7 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
     m = x.shape[0]
     n, k = w_codes.shape[0], w_codes.shape[1] * 2
     assert x.stride(-1) == 1 and w_codes.is_contiguous() and w_scales.is_contiguous()
+    assert not fp4_x or (x.is_contiguous() and x_scales.is_contiguous())   # NVFP4 rows are read at stride K/2
     out_dtype = out_dtype or x.dtype
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
@@ -254,17 +326,14 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
     w_codes = word_aligned(w_codes)
     if fp4_x:
         x = word_aligned(x)
-    bm, bn, bk, warps, stages = _pick_config(m)
+    bm, bn, bk, warps, stages, split, programs = pick_config(m, n, k, _num_sms(x.device))
     if interpreting() or x.dtype == torch.float32:
         dot_dtype = tl.float32     # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug)
     else:
         dot_dtype = tl.float16 if (not fp4_x and x.dtype == torch.float16) else tl.bfloat16
-    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    split = _split_k(m_tiles, n_tiles, k, bk, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     dummy = w_gs
-    programs = m_tiles * n_tiles if split > 1 else min(m_tiles * n_tiles, 2 * _num_sms(x.device))
     _nvfp4_gemm_fwd_kernel[(programs, split)](
         x, x_scales if fp4_x else dummy, w_codes, w_scales, w_gs, x_gs if fp4_x else dummy,
         bias if bias is not None else dummy, target,

@@ -18,7 +18,7 @@ from .ssd import _sequence
 def _conv1d_fwd_kernel(x_ptr, w_ptr, bias_ptr, s0_ptr, y_ptr, cu_ptr, T, D, sx_b, sx_t, sy_b, sy_t,
                        W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S0: tl.constexpr, SILU: tl.constexpr,
                        IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    i_s, i_t, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_t, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     i_b, bos, eos = _sequence(cu_ptr, i_s, T, IS_VARLEN)
     o_t = bos + i_t * BT + tl.arange(0, BT).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -73,15 +73,16 @@ def _conv1d_update_multi_fwd_kernel(x_ptr, s_ptr, so_ptr, w_ptr, bias_ptr, y_ptr
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     for i_t in range(T):
+        t64 = tl.cast(i_t, tl.int64)
         acc = tl.zeros((BD,), dtype=tl.float32)
         for k in tl.static_range(W):
-            o_src = i_t - (W - 1) + k                                       # < 0: a conv_state row
+            o_src = t64 - (W - 1) + k                                       # < 0: a conv_state row
             if o_src >= 0:
                 b_x = tl.load(x_ptr + i_b * sx_b + o_src * sx_t + o_d, mask=m_d, other=0.0)        # [BD]
             else:
                 b_x = tl.load(s_ptr + i_b * ss_b + (o_src + W - 1) * ss_w + o_d, mask=m_d, other=0.0)
             if k > 0:
-                tl.store(so_ptr + i_b * sso_b + i_t * sso_t + (k - 1) * sso_w + o_d, b_x.to(so_ptr.dtype.element_ty),
+                tl.store(so_ptr + i_b * sso_b + t64 * sso_t + (k - 1) * sso_w + o_d, b_x.to(so_ptr.dtype.element_ty),
                          mask=m_d)
             b_w = tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)             # [BD]
             acc += b_x.to(tl.float32) * b_w
@@ -89,11 +90,11 @@ def _conv1d_update_multi_fwd_kernel(x_ptr, s_ptr, so_ptr, w_ptr, bias_ptr, y_ptr
             acc += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        tl.store(y_ptr + i_b * sy_b + i_t * sy_t + o_d, acc.to(y_ptr.dtype.element_ty), mask=m_d)
+        tl.store(y_ptr + i_b * sy_b + t64 * sy_t + o_d, acc.to(y_ptr.dtype.element_ty), mask=m_d)
     # the final state: rows T .. T+W-2 of [conv_state; x]; row j reads state row T+j > j, never one
     # already overwritten
     for j in tl.static_range(W - 1):
-        o_src = T - (W - 1) + j
+        o_src = T.to(tl.int64) - (W - 1) + j
         if o_src >= 0:
             b_x = tl.load(x_ptr + i_b * sx_b + o_src * sx_t + o_d, mask=m_d, other=0.0)
         else:

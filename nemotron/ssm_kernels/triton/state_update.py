@@ -24,13 +24,13 @@ def _state_update_fwd_kernel(s_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z
                              sb_b, sb_g, sc_b, sc_g, sd_h, sd_p, sz_b, sz_h, sdtb_h, sdtb_p, sy_b, sy_h,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
                              SOFTPLUS: tl.constexpr, HAS_IDX: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    i_b, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h, i_p = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     o_p = i_p * BP + tl.arange(0, BP)
     o_n = tl.arange(0, BN)
     m_p, m_n = o_p < P, o_n < N
     m_pn = m_p[:, None] & m_n[None, :]
     p_y = y_ptr + i_b * sy_b + i_h * sy_h + o_p
-    row = i_b.to(tl.int64)
+    row = i_b
     if HAS_IDX:
         row = tl.load(idx_ptr + i_b).to(tl.int64)
     if row < 0:                                                          # padding slot: skip, y = 0
@@ -121,27 +121,28 @@ def _state_update_multi_fwd_kernel(s_ptr, so_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c
     if HAS_D:
         b_D = tl.load(d_ptr + i_h * sd_h + o_p * sd_p, mask=m_p, other=0.0).to(tl.float32)
     for i_t in range(T):
-        b_x = tl.load(x_ptr + i_b * sx_b + i_t * sx_t + i_h * sx_h + o_p, mask=m_p, other=0.0).to(tl.float32)
-        b_dt = tl.load(dt_ptr + i_b * sdt_b + i_t * sdt_t + i_h * sdt_h + o_p * sdt_p, mask=m_p, other=0.0).to(tl.float32)
+        t64 = tl.cast(i_t, tl.int64)
+        b_x = tl.load(x_ptr + i_b * sx_b + t64 * sx_t + i_h * sx_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+        b_dt = tl.load(dt_ptr + i_b * sdt_b + t64 * sdt_t + i_h * sdt_h + o_p * sdt_p, mask=m_p, other=0.0).to(tl.float32)
         if HAS_DTB:
             b_dt += b_dtb
         if SOFTPLUS:
             b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
-        b_B = tl.load(b_ptr + i_b * sb_b + i_t * sb_t + i_g * sb_g + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BN]
-        b_C = tl.load(c_ptr + i_b * sc_b + i_t * sc_t + i_g * sc_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_B = tl.load(b_ptr + i_b * sb_b + t64 * sb_t + i_g * sb_g + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BN]
+        b_C = tl.load(c_ptr + i_b * sc_b + t64 * sc_t + i_g * sc_g + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_la = b_a * b_dt[:, None]
         b_la = tl.where(b_la < _LOG_DECAY_MIN, _LOG_DECAY_MIN, b_la)
         b_s = b_s * tl.exp(b_la) + (b_dt * b_x)[:, None] * b_B[None, :]
         b_y = tl.sum(b_s * b_C[None, :], axis=1)                                             # [BP]
         if ROUND_STATE:      # the next token reads the state as a single-token update stores it
             b_s = b_s.to(s_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(so_ptr + i_b * sso_b + i_t * sso_t + i_h * sso_h + o_pn, b_s.to(so_ptr.dtype.element_ty), mask=m_pn)
+        tl.store(so_ptr + i_b * sso_b + t64 * sso_t + i_h * sso_h + o_pn, b_s.to(so_ptr.dtype.element_ty), mask=m_pn)
         if HAS_D:
             b_y += b_x * b_D
         if HAS_Z:
-            b_z = tl.load(z_ptr + i_b * sz_b + i_t * sz_t + i_h * sz_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+            b_z = tl.load(z_ptr + i_b * sz_b + t64 * sz_t + i_h * sz_h + o_p, mask=m_p, other=0.0).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
-        tl.store(y_ptr + i_b * sy_b + i_t * sy_t + i_h * sy_h + o_p, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
+        tl.store(y_ptr + i_b * sy_b + t64 * sy_t + i_h * sy_h + o_p, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
     tl.store(p_s, b_s.to(s_ptr.dtype.element_ty), mask=m_pn)
 
 
