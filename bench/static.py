@@ -66,9 +66,9 @@ class Case:
 _SHAPES = {
     # the Super and Nano presets of nemotron/model/config.py, as the widths each op sees
     "super": dict(hidden=4096, heads=128, head_dim=64, groups=8, state=128, conv=4, q_heads=32, kv_heads=2,
-                  attn_dim=128, experts=512, top_k=22, moe_inter=2688, shared_inter=5376, latent=1024),
+                  attn_dim=128, experts=512, top_k=22, moe_inter=2688, shared_inter=5376, latent=1024, vocab=131072),
     "nano": dict(hidden=2688, heads=64, head_dim=64, groups=8, state=128, conv=4, q_heads=32, kv_heads=2,
-                 attn_dim=128, experts=128, top_k=6, moe_inter=1856, shared_inter=3712, latent=None),
+                 attn_dim=128, experts=128, top_k=6, moe_inter=1856, shared_inter=3712, latent=None, vocab=131072),
 }
 GEMM_M = (1, 32, 64, 256, 8192)        # one M per launch-config bucket of nvfp4.triton.gemm.CONFIGS
 NANO_GEMM_M = (1, 8192)                # Nano: decode and prefill only (its configs are Super's)
@@ -95,7 +95,8 @@ def _linears(s: dict) -> dict:
            "kv_proj": (s["kv_heads"] * s["attn_dim"], s["hidden"]),
            "o_proj": (s["hidden"], s["q_heads"] * s["attn_dim"]),
            "shared_up": (s["shared_inter"], s["hidden"]),
-           "shared_down": (s["hidden"], s["shared_inter"])}
+           "shared_down": (s["hidden"], s["shared_inter"]),
+           "lm_head": (s["vocab"], s["hidden"])}
     if s["latent"]:
         out.update(fc1_latent=(s["latent"], s["hidden"]), fc2_latent=(s["hidden"], s["latent"]))
     return out
