@@ -114,14 +114,30 @@ def measure_roofline(device: torch.device) -> dict:
                 copy_bytes=2 * n * 2, matmul_shape=[m, m, m])
 
 
+TRIMMED_DEFAULT = 3      # the "trimmed" set of an op that declares none: its first Nemotron shapes
+
+
+def shapes_for(op: BenchOp, shape_set: str) -> list | None:
+    """The shapes of ``op`` in ``shape_set`` (None if it has no such set). ``trimmed`` is the op's own
+    trimmed set (a few shapes for a time-boxed GPU session), else its first TRIMMED_DEFAULT Nemotron shapes."""
+    if shape_set in op.shapes:
+        return op.shapes[shape_set]
+    if shape_set == "trimmed" and "nemotron" in op.shapes:
+        return op.shapes["nemotron"][:TRIMMED_DEFAULT]
+    return None
+
+
 def run(op: BenchOp, shape_set: str, device: torch.device, *, impls: Sequence[str] | None = None,
         sets: int | None = None) -> dict:
     """Time every implementation of ``op`` over a shape set; returns the result document."""
+    shapes = shapes_for(op, shape_set)
+    if shapes is None:
+        raise ValueError(f"{op.name} has shape sets {list(op.shapes)}, not {shape_set!r}")
     info = device_info(device)
     roof = measure_roofline(device)
     names = [n for n in op.impls if impls is None or n in impls]
     rows = []
-    for shape in op.shapes[shape_set]:
+    for shape in shapes:
         nbytes, flops = op.bytes(shape), op.flops(shape)
         # enough input sets that their total exceeds ~2x the L2 cache (H100: 50 MiB)
         n_sets = sets or (max(2, min(8, int(2 * 50 * 2**20 / max(nbytes, 1)) + 1)) if device.type == "cuda" else 2)

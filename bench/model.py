@@ -71,11 +71,22 @@ def _compiled(model, backend: str, regional: bool):
 
 
 def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_dtype, device,
-        regional: bool = False) -> dict:
+        regional: bool = False, emit=None) -> dict:
+    """The result document; ``emit(doc)``, when given, receives the document so far after each measured row."""
     cfg = NemotronHConfig.preset(preset)
     model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
+    info = harness.device_info(device)
+
+    def doc(**extra):
+        return dict(kernel=f"model_{preset}", preset=preset, recipe=recipe, kv_dtype=str(kv_dtype), device=info,
+                    cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+
+    def add(row):
+        rows.append(row)
+        if emit is not None:
+            emit(doc(partial=True))
     max_len = max(contexts + prefill) + steps + 1         # one cache size: one decode graph per backend
     for impl in impls:
         for backend in backends:
@@ -91,7 +102,7 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                         harness._sync(device)
                         first = time.perf_counter() - t0
                         sec = _time(lambda: f(ids, cache=model.new_cache(1, max_len, kv_dtype=kv_dtype)), device, 2)
-                        rows.append(dict(impl=impl, backend=backend, phase="prefill", tokens=t, seconds=sec,
+                        add(dict(impl=impl, backend=backend, phase="prefill", tokens=t, seconds=sec,
                                          tokens_per_s=t / sec, first_call_s=first))
                         print(f"{tag:22s} prefill {t:8d} tokens: {t / sec:10.1f} tok/s (first call {first:.1f} s)",
                               flush=True)
@@ -108,20 +119,18 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                         harness._sync(device)
                         first = time.perf_counter() - t0
                         sec = _time(step, device, steps)
-                        rows.append(dict(impl=impl, backend=backend, phase="decode", context=c, seconds=sec,
+                        add(dict(impl=impl, backend=backend, phase="decode", context=c, seconds=sec,
                                          tokens_per_s=1 / sec, first_call_s=first))
                         print(f"{tag:22s} decode at context {c:8d}: {1 / sec:10.1f} tok/s (first call {first:.1f} s)",
                               flush=True)
             if backend != "eager":
                 graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
-                rows.append(dict(impl=impl, backend=backend, phase="compile", graphs=graphs))
+                add(dict(impl=impl, backend=backend, phase="compile", graphs=graphs))
                 print(f"{tag:22s} graphs compiled over all calls: {graphs}", flush=True)
             if regional and backend != "eager":     # back to eager layers (no second copy of the weights)
                 for layer in list(model.backbone.layers) + (list(model.mtp.layers) if model.mtp is not None else []):
                     layer._compiled_call_impl = None
-    info = harness.device_info(device)
-    return dict(kernel=f"model_{preset}", preset=preset, recipe=recipe, kv_dtype=str(kv_dtype), device=info,
-                cpu_numbers=device.type != "cuda", rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return doc()
 
 
 def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, device) -> dict:
@@ -169,6 +178,14 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def _save(doc: dict):
+    out = harness.RESULTS / harness.slug(doc["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{doc['kernel']}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
 def main(argv=None) -> int:
     device = harness.env_device()
     gpu = device.type == "cuda"
@@ -195,13 +212,10 @@ def main(argv=None) -> int:
         doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device)
     else:
         doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
-                  torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional)
+                  torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional,
+                  emit=None if a.no_save else _save)     # rewritten after each row: a run cut off keeps its rows
     if not a.no_save:
-        out = harness.RESULTS / harness.slug(doc["device"])
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{doc['kernel']}.json"
-        path.write_text(json.dumps(doc, indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {_save(doc)}")
     return 0
 
 

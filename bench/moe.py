@@ -28,6 +28,7 @@ from .harness import BenchOp
 SUPER = (512, 22, 1024, 2688)
 SHAPES = {
     "nemotron": [(t, *SUPER) for t in (1, 8, 64, 512, 4096, 16384)],
+    "trimmed": [(t, *SUPER) for t in (1, 64, 4096)],            # decode, a small batch, prefill
     "smoke": [(3, 8, 2, 32, 48), (40, 6, 3, 64, 32)],
 }
 VERIFY_TOKENS = 8

@@ -22,6 +22,9 @@ M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 SHAPES = {
     "nemotron": [(m, n, k) for n, k in SUPER_LINEARS for m in M_VALUES],
     "sweep": [(m, 18560, 4096) for m in M_VALUES],
+    # a time-boxed GPU session: decode, a small batch and prefill on in_proj, out_proj, fc1_latent_proj and
+    # k/v_proj (the last two: the narrow, deeply split decode launches)
+    "trimmed": [(m, n, k) for n, k in [(18560, 4096), (4096, 8192), (1024, 4096), (256, 4096)] for m in (1, 32, 8192)],
     "smoke": [(3, 64, 128), (40, 48, 96)],
 }
 VERIFY_ROWS = 64
