@@ -424,6 +424,7 @@ def _mma_kind(op: str) -> str | None:
 _UNITS = {
     "_nvfp4_gemm_fwd_kernel": ("weight", lambda c: c["BN"] * c["BK"]),
     "_moe_gemm_fwd_kernel": ("weight", lambda c: c["BN"] * c["BK"]),
+    "_splitk_reduce_fwd_kernel": ("element", lambda c: c["BM"] * c["BN"]),
     "_ssd_fwd_kernel": ("element", lambda c: c["Q"] * c["BP"]),
     "_conv1d_fwd_kernel": ("element", lambda c: c["BT"] * c["BD"]),
     "_conv1d_update_multi_fwd_kernel": ("element", lambda c: c["BD"]),

@@ -10,10 +10,12 @@ epilogue. The result equals the fp32 reference up to accumulation order.
 W4A16: x is bf16/fp16 (or fp32, then IEEE fp32 dot). W4A4: x arrives as NVFP4 codes + scales (from
 the quantize kernel) and is expanded the same way: the numerics of a Blackwell NVFP4 GEMM.
 
-Two shape classes share one kernel: few rows (M <= 64: a 16..64-row tile, split-K over programs so
-every weight byte is read once and the GPU is filled; fp32 partials reduced in a fixed order), and
-many rows (persistent: 2 programs per SM walk 128x128 output tiles in grouped order for L2 reuse,
-software-pipelined K loop).
+Two shape classes share one kernel: few rows (M <= 64: a 16..64-row tile, 64/32/16 weight rows wide,
+split-K over programs so every weight byte is read once and the GPU is filled with >= 2 CTAs per SM;
+the fp32 partials reduced in split order, scaled and cast by one small kernel), and many rows
+(persistent: as many programs per SM as are resident walk the output tiles in grouped order for L2
+reuse, software-pipelined K loop). The launch shapes are data: CONFIGS by M bucket, TUNED per
+Nemotron linear (see pick_config).
 """
 from __future__ import annotations
 
@@ -227,9 +229,32 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
             p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :]
             tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
         else:
-            # fp32 partial sums [SPLIT_K, M, N], reduced by the launcher in a fixed order
+            # fp32 partial sums [SPLIT_K, M, N], reduced in split order by _splitk_reduce_fwd_kernel
             p_o = out_ptr + i_s.to(tl.int64) * M * N + o_m[:, None] * N + o_n[None, :]
             tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _splitk_reduce_fwd_kernel(part_ptr, gs_ptr, xgs_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                              SPLIT_K: tl.constexpr, X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr):
+    """out = (sum of the SPLIT_K fp32 partials [SPLIT_K, M, N], in split order) * scales (+ bias): the
+    split-K epilogue in one launch."""
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+    o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+    m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
+    p_p = part_ptr + o_m[:, None] * N + o_n[None, :]
+    mn = tl.cast(M, tl.int64) * N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i_s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_p + i_s * mn, mask=m_o, other=0.0)                                    # [BM, BN]
+    acc = acc * (tl.load(gs_ptr) * 128.0)                     # 1 / TILE_SCALE
+    if X_FP4:
+        acc = acc * (tl.load(xgs_ptr) * 128.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + o_n, mask=o_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + o_m[:, None] * stride_om + o_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
 def word_aligned(codes: torch.Tensor) -> torch.Tensor:
@@ -342,10 +367,9 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
         IEEE=dot_dtype == tl.float32, EVEN_K=k % bk == 0, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
         num_warps=warps, num_stages=stages)
     if split > 1:
-        acc = target.sum(0) * (w_gs / TILE_SCALE)
-        if fp4_x:
-            acc = acc * (x_gs / TILE_SCALE)
-        if bias is not None:
-            acc = acc + bias.float()
-        out.copy_(acc)
+        rbm = min(16, triton.next_power_of_2(m))
+        rbn = 256 if rbm <= 4 else 128          # a few hundred outputs per program: many programs at decode
+        _splitk_reduce_fwd_kernel[(triton.cdiv(m, rbm), triton.cdiv(n, rbn))](
+            target, w_gs, x_gs if fp4_x else dummy, bias if bias is not None else dummy, out, m, n, out.stride(0),
+            SPLIT_K=split, X_FP4=fp4_x, HAS_BIAS=bias is not None, BM=rbm, BN=rbn, num_warps=4)
     return out
