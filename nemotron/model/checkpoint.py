@@ -29,7 +29,9 @@ head float.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
 import itertools
 import json
 import os
@@ -267,6 +269,10 @@ def build_random(cls, config: NemotronHConfig, *, device=None, dtype=None, recip
                 parent, _, child = prefix.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
     model.tie_weights()                     # a tied head still holds the meta table
+    if ep_group is not None:                # every rank built the same model (config, seed, recipe)
+        what = json.dumps([dataclasses.asdict(config), seed, str(dtype), repr(recipe)], sort_keys=True, default=str)
+        distributed.agree(ep_group, hashlib.sha256(what.encode()).digest(), "random model (config, seed, recipe)",
+                          ep_timeout)
     return model.eval()
 
 
@@ -461,6 +467,8 @@ def load_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool =
             raise CheckpointError(f"{q_file}: {err}") from None
     _load(model, tensors, source)
     _activation_modes(model)
+    if ep_group is not None:                # wait for the slowest reader under the group's own timeout
+        distributed.agree(ep_group, b"loaded", "load", None)
     if progress:
         print(distributed.memory_line(model), flush=True)
     return model.eval()

@@ -68,6 +68,7 @@ def shard_experts_(model: nn.Module, ep_group, timeout_s: Optional[float] = DEFA
         if isinstance(mod, LatentMoE):
             mod.shard_experts_(ep_group)
             mod.ep_timeout = timeout_s
+            mod.ep_dispatch = "auto"         # every rank runs the same tokens: padded decode exchanges on CUDA
     return model
 
 
@@ -200,11 +201,11 @@ def memory_line(model: nn.Module) -> str:
     b = param_bytes(model)
     group = ep_group_of(model)
     world, rank = (1, 0) if group is None else (group.size(), group.rank())
-    gib = 1024 ** 3
+    unit, scale = ("GiB", 1024 ** 3) if b["total"] >= 1024 ** 3 else ("MiB", 1024 ** 2)
     stacks = [m for m in model.modules() if isinstance(m, MoEExperts)]
     held = f"{stacks[0].num_experts} of {stacks[0].num_global} experts per MoE layer" if stacks else "no MoE layers"
-    return (f"rank {rank} of {world}: parameters {b['total'] / gib:.3f} GiB = dense {b['dense'] / gib:.3f} GiB + "
-            f"routed experts {b['experts'] / gib:.3f} GiB ({held})")
+    return (f"rank {rank} of {world}: parameters {b['total'] / scale:.3f} {unit} = dense {b['dense'] / scale:.3f} "
+            f"{unit} + routed experts {b['experts'] / scale:.3f} {unit} ({held})")
 
 
 def comm_bytes(model: nn.Module) -> dict:

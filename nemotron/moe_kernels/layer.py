@@ -31,6 +31,12 @@ from ..nvfp4.format import KeepsStorageDtypes, NVFP4Tensor
 from . import fast, ops
 
 
+EP_DISPATCH = ("auto", "exact", "padded")
+# "auto" pads the exchange (no host sync) up to this many buffer rows per rank: W * T * min(k, E / W).
+# Super (k = 22) on 8 GPUs: up to 46 tokens per forward, 8192 latent rows of 2 KiB (bf16) = 16 MiB.
+PADDED_MAX_ROWS = 8192
+
+
 def ep_world(ep_group, num_experts: int) -> tuple[int, int]:
     """(world size, rank) of an expert-parallel group (``(1, 0)`` for None); a world size that does
     not divide the expert count is refused (every rank holds the same number of experts)."""
@@ -341,6 +347,12 @@ class LatentMoE(nn.Module):
             ``RuntimeError`` naming their rank and the peer ranks of the exchange. Bound the group
             too (``init_process_group(timeout=timedelta(seconds=60))``) for the collectives outside
             this layer.
+        ep_dispatch: "exact" (default): each exchange carries exactly the rows routed to each rank,
+            after an exchange of the split sizes (one device-to-host read per forward); ranks may
+            pass different token counts. "padded": fixed-capacity buffers of ``T * min(k, E / W)``
+            rows per peer, no host read (CUDA graphs), every rank must pass the same T. "auto":
+            padded on CUDA for small T (decode), exact otherwise (:meth:`padded_dispatch`); the
+            model's expert parallelism uses it, every rank running the same sequences.
 
     Parameters (HF names): ``gate.weight [E, H]``, ``gate.e_score_correction_bias [E]``,
     ``fc1_latent_proj.weight [l, H]``, ``fc2_latent_proj.weight [H, l]``, ``experts.{e}.up_proj.weight
@@ -357,8 +369,12 @@ class LatentMoE(nn.Module):
     def __init__(self, hidden_size: int, *, num_experts: int, top_k: int, intermediate_size: int,
                  shared_intermediate_size: int, latent_size: Optional[int] = None, n_group: int = 1,
                  topk_group: int = 1, renormalize: bool = True, scaling_factor: float = 1.0, bias: bool = False,
-                 ep_group=None, ep_timeout: Optional[float] = 60.0, dtype=None, device=None):
+                 ep_group=None, ep_timeout: Optional[float] = 60.0, ep_dispatch: str = "exact", dtype=None,
+                 device=None):
         super().__init__()
+        if ep_dispatch not in EP_DISPATCH:
+            raise ValueError(f"ep_dispatch: expected one of {EP_DISPATCH}, got {ep_dispatch!r}")
+        self.ep_dispatch = ep_dispatch
         if ep_timeout is not None and (isinstance(ep_timeout, bool) or not isinstance(ep_timeout, (int, float))
                                        or not 0 < ep_timeout < float("inf")):
             raise ValueError(f"ep_timeout: expected a positive finite number of seconds or None, got {ep_timeout!r}")
@@ -428,7 +444,58 @@ class LatentMoE(nn.Module):
         y = self.fc2_latent_proj(y)                                                     # [T, H]
         return y.view(h.shape) + self.shared_experts(h)
 
+    def padded_dispatch(self, tokens: int, device: torch.device) -> bool:
+        """Whether an expert-parallel forward of ``tokens`` tokens exchanges fixed-capacity buffers
+        (no split sizes, no host sync) rather than exact rows: ``ep_dispatch`` "padded" / "exact",
+        or "auto": padded on CUDA when the buffers stay within :data:`PADDED_MAX_ROWS` rows (decode,
+        MTP drafts and verification, small batches), exact otherwise (prefill: one host sync per
+        layer, amortized over its tokens; and on CPU, where a host read costs nothing)."""
+        if self.ep_dispatch != "auto":
+            return self.ep_dispatch == "padded"
+        world = self.ep_group.size()
+        return device.type == "cuda" and world * tokens * min(self.top_k, self.experts.num_experts) <= PADDED_MAX_ROWS
+
+    def _expert_parallel_padded(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The exchange with fixed-capacity buffers: each rank sends every peer ``C = T * min(k, E/W)``
+        rows (the most one rank's experts can take of T tokens), its real rows first, zero rows with
+        routing weight 0 after them; equal split sizes, so nothing is read on the host and the step
+        has static shapes (CUDA graphs). The price: W * C rows on the wire and through the experts
+        instead of T * k. The real slots' values match the exact exchange up to the experts' GEMM
+        summation order on plain-torch paths (row counts differ)."""
+        group, k = self.ep_group, self.top_k
+        world, local, me = group.size(), self.experts.num_experts, group.rank()
+        dev, n = xl.device, ids.numel()
+        cap = xl.shape[0] * min(k, local)
+        flat_ids = ids.reshape(-1).long()
+        order = torch.argsort(flat_ids // local, stable=True)                            # slots by rank
+        dest = flat_ids[order] // local
+        counts = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest))
+        where = dest * cap + torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[dest]   # buffer row
+        peers = [r for r in range(world) if r != me]
+
+        def exchange(t: torch.Tensor, what="rows") -> torch.Tensor:
+            out = torch.empty_like(t)
+            self._all_to_all(what, out, t, None, None, peers)
+            return out
+
+        x_send = xl.new_zeros(world * cap, xl.shape[1]).index_copy_(0, where, xl[order // k])
+        id_send = torch.full((world * cap,), -1, dtype=torch.int32, device=dev).index_copy_(
+            0, where, (flat_ids[order] % local).to(torch.int32))
+        w_send = torch.zeros(world * cap, dtype=torch.float32, device=dev).index_copy_(
+            0, where, weights.reshape(-1)[order].float())
+        x_recv, id_recv, w_recv = exchange(x_send), exchange(id_send), exchange(w_send)
+        slots_recv = self._padded_slots(x_recv, w_recv, id_recv, world, cap)             # [W * C, l] fp32
+        slots_back = exchange(slots_recv, "result slots")
+        slots = torch.empty(n, slots_back.shape[1], dtype=slots_back.dtype, device=dev)
+        slots[order] = slots_back[where]
+        rows = (world - 1) * cap
+        self.comm_bytes = {"dispatch": rows * xl.shape[1] * xl.element_size(),
+                           "combine": rows * slots.shape[1] * slots.element_size(), "metadata": rows * (4 + 4)}
+        return ops.combine(slots, k, xl.dtype)
+
     def _expert_parallel(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.padded_dispatch(xl.shape[0], xl.device):
+            return self._expert_parallel_padded(xl, weights, ids)
         group, k = self.ep_group, self.top_k
         world, local = group.size(), self.experts.num_experts
         flat_ids = ids.reshape(-1).long()
@@ -461,12 +528,27 @@ class LatentMoE(nn.Module):
                            "metadata": world * 8 + out_rows * (4 + 4)}
         return ops.combine(slots, k, xl.dtype)
 
+    def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, world: int, cap: int) -> torch.Tensor:
+        """The slots of W fixed-capacity blocks whose padding rows carry expert id -1: the Triton
+        kernel takes them all in one call (as expert 0 with weight 0; their slots are never read), so
+        nothing is read on the host; the plain-torch paths read the real row counts (the ids >= 0 of
+        each block) and multiply only the real rows, per source rank, as the exact exchange does."""
+        if dispatch.choose("moe_expert_slots", x, record=False).name == "triton":
+            return self._local_slots(x, w, ids, [x.shape[0]])
+        real = (ids.view(world, cap) >= 0).sum(1).tolist()
+        out = x.new_zeros(x.shape[0], x.shape[1], dtype=fast.compute_dtype(x))
+        for s, n in enumerate(real):
+            if n:
+                rows = slice(s * cap, s * cap + n)
+                out[rows] = self.experts.slots(x[rows], w[rows, None], ids[rows, None])
+        return out
+
     def _local_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, splits: list) -> torch.Tensor:
         """The slots of the received rows, one call per source rank on the plain-torch paths, so each
         expert multiplies exactly the rows it multiplies in that rank's single-process layer (an fp32
         GEMM row depends on the row count of its call); the Triton kernel's rows do not, one call."""
         if dispatch.choose("moe_expert_slots", x, record=False).name == "triton":
-            return self.experts.slots(x, w[:, None], ids[:, None])
+            return self.experts.slots(x, w[:, None], ids[:, None].clamp_min(0))
         parts = [self.experts.slots(xs, ws[:, None], i[:, None])
                  for xs, ws, i in zip(x.split(splits), w.split(splits), ids.split(splits)) if xs.shape[0]]
         if not parts:

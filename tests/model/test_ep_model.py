@@ -68,6 +68,16 @@ def _forward_checks(cfg, full, ep, res):
             _equal(outs[1], outs[0], f"decode logits at position {t}")
             steps.append(distributed.comm_bytes(ep))
         res["decode_comm"] = steps
+        # the fixed-capacity exchange ("auto" picks it for CUDA decode): the same logits
+        for m in ep.modules():
+            if hasattr(m, "ep_dispatch"):
+                assert m.ep_dispatch == "auto" and not m.padded_dispatch(1, ids.device)    # CPU: exact
+                m.ep_dispatch = "padded"
+        outs = [m(ids[:, 11:12], cache=c) for m, c in zip((full, ep), caches)]
+        _equal(outs[1], outs[0], "decode logits with the padded exchange")
+        for m in ep.modules():
+            if hasattr(m, "ep_dispatch"):
+                m.ep_dispatch = "auto"
         hs = [m.hidden_states(ids) for m in (full, ep)]
         mtps = [m.mtp_step(ids[:, 1:], h[:, :-1])[1] for m, h in zip((full, ep), hs)]
         _equal(mtps[1], mtps[0], "MTP logits")

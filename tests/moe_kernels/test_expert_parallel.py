@@ -1,6 +1,6 @@
 """Expert parallelism over gloo on CPU: 2 and 4 spawned ranks (loopback, bounded time) equal the
-single-process layer exactly, including ranks that receive no tokens; latent dispatch moves l/H of
-the bytes of full-width dispatch."""
+single-process layer exactly, including ranks that receive no tokens, with the exact exchange and
+with the fixed-capacity one; latent dispatch moves l/H of the bytes of full-width dispatch."""
 import datetime
 import os
 import socket
@@ -57,6 +57,28 @@ def _worker(rank, world, port, out_dir):
                     got, want = ep(x), full(x)
                 assert_equal(got, want, what=f"rank {rank} skew={skew} latent={latent}")
                 result[(skew, latent)] = dict(ep.comm_bytes)
+        # fixed-capacity ("padded") exchange: every rank the same token count, no split sizes; on the
+        # plain-torch paths the real rows are multiplied per source rank as in the exact exchange
+        for latent in (L, None):
+            ep, full = _layer(latent, group)
+            ep.ep_dispatch = "padded"
+            x = torch.randn(6, H, generator=torch.Generator().manual_seed(200 + rank))
+            with torch.no_grad():
+                got, want = ep(x), full(x)
+            assert_equal(got, want, what=f"rank {rank} padded latent={latent}")
+            cap = 6 * min(K, E // world)
+            assert ep.comm_bytes["dispatch"] == (world - 1) * cap * (latent or H) * 4, ep.comm_bytes
+            assert ep.comm_bytes["combine"] == (world - 1) * cap * (latent or H) * 4, ep.comm_bytes
+            result.setdefault("padded", []).append(latent)
+            if latent is None:
+                continue
+            with torch.no_grad(), dispatch.use("triton"):
+                got = ep(x)
+            # interpreted Triton: one call over all W * C rows (padding as expert 0, weight 0); numpy's
+            # BLAS sums in an order set by the tile's row count, and an output element that cancels
+            # (routed + shared) keeps the rounding of its summands: atol at fp32 level of the output scale
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
+                         what=f"rank {rank} padded triton latent={latent}")
         # the Triton grouped GEMM (interpreted here) too: rows batched differently, same slot values
         ep, full = _layer(L, group)
         x = _tokens(rank)
@@ -96,6 +118,7 @@ def test_expert_parallel_equals_single_process(world, tmp_path):
     results = _run(world, tmp_path)
     for rank, res in enumerate(results):
         latent, full = res[(False, L)], res[(False, None)]
+        assert res["padded"] == [L, None]
         # the same routing (the router sees the full width either way) sends the same rows:
         # latent dispatch moves exactly l/H of the full-width bytes
         assert full["dispatch"] * L == latent["dispatch"] * H
