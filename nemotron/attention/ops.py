@@ -43,9 +43,13 @@ def _(q, k_cache, v_cache, lengths, scale, k_scale, v_scale, impl=""):
 
 
 def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.Tensor:
-    """torch SDPA per row over its live slice ``[0, len)`` (GQA by ``enable_gqa``; a bottom-right
-    causal mask only when T > 1). Math in fp32 for fp32 inputs, else SDPA's own (fp32 accumulation)."""
+    """torch SDPA per row over its live slice ``[0, len)``. GQA goes into the query rows (the
+    Hq / Hkv heads of a kv head and the T tokens: ``[Hkv, T * G, D]`` against ``[Hkv, len, D]``):
+    on CPU, SDPA's ``enable_gqa`` took 40-60x longer at Super's heads (bench.attention). A causal
+    mask (bottom-right) only when T > 1. fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
     b, t, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
     out = q.new_zeros(b, t, hq, d)
     work = q.dtype
     for i, n in enumerate(lengths.tolist()):
@@ -56,15 +60,16 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
             else k_cache[i, :, :n]                                                           # [Hkv, n, D]
         v = ref.dequantize_kv(v_cache[i, :, :n], v_scale, work) if v_scale is not None or v_cache.dtype != work \
             else v_cache[i, :, :n]
+        qi = q[i].reshape(t, hkv, g, d).transpose(0, 1).reshape(hkv, t * g, d)              # rows (t, g)
         mask = None
         if t > 1:
-            pos = n - t + torch.arange(t, device=q.device)
-            mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]               # [T, n]
-        o = F.scaled_dot_product_attention(q[i].transpose(0, 1), k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=k.shape[0] != hq)                     # [Hq, T, D]
+            pos = n - t + torch.arange(t * g, device=q.device) // g                          # [T * G]
+            mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]               # [T * G, n]
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)          # [Hkv, T * G, D]
+        o = o.reshape(hkv, t, g, d).transpose(0, 1).reshape(t, hq, d)
         if t > n:          # queries before the row's first key see nothing (SDPA gives NaN there)
-            o = o.masked_fill((n - t + torch.arange(t, device=q.device) < 0)[None, :, None], 0.0)
-        out[i] = o.transpose(0, 1)
+            o = o.masked_fill((n - t + torch.arange(t, device=q.device) < 0)[:, None, None], 0.0)
+        out[i] = o
     return out
 
 
