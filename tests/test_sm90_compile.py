@@ -52,10 +52,10 @@ SCRIPT = textwrap.dedent('''
     for x_fp4, bm, bn, bk, split in [(False, 16, 64, 128, 4), (False, 128, 128, 64, 1), (True, 64, 128, 64, 1)]:
         types = dict(fp4, x_ptr="*u8" if x_fp4 else "*bf16", out_ptr="*fp32" if split > 1 else "*bf16")
         done.append(compile_one(gemm._nvfp4_gemm_fwd_kernel, dict(
-            X_FP4=x_fp4, HAS_BIAS=True, SPLIT_K=split, DOT_DTYPE=tl.bfloat16, IEEE=False, BM=bm, BN=bn, BK=bk,
+            X_FP4=x_fp4, HAS_BIAS=True, IS_SPLIT=split > 1, DOT_DTYPE=tl.bfloat16, IEEE=False, BM=bm, BN=bn, BK=bk,
             GROUP_M=8), types))
     done.append(compile_one(gemm._nvfp4_gemm_fwd_kernel, dict(
-        X_FP4=False, HAS_BIAS=False, SPLIT_K=1, DOT_DTYPE=tl.float32, IEEE=True, BM=64, BN=64, BK=64, GROUP_M=8),
+        X_FP4=False, HAS_BIAS=False, IS_SPLIT=False, DOT_DTYPE=tl.float32, IEEE=True, BM=64, BN=64, BK=64, GROUP_M=8),
         dict(fp4, x_ptr="*fp32", out_ptr="*fp32")))
     io = {n: "*bf16" for n in ("x_ptr", "b_ptr", "c_ptr", "z_ptr", "y_ptr", "dt_ptr")}
     io["cu_ptr"] = "*i32"

@@ -186,7 +186,7 @@ def _fp4_tile(p_codes, p_scales, o_r, m_r, o_k, K, ROWS: tl.constexpr, BK: tl.co
 @triton.jit
 def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_ptr, out_ptr,
                            M, N, K, stride_xm, stride_om, k_per_split,
-                           X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                           X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     i_p, i_s = tl.program_id(0), tl.program_id(1)
@@ -220,7 +220,7 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
             else:
                 acc = tl.dot(b_x, tl.trans(b_w), acc)
 
-        if SPLIT_K == 1:
+        if not IS_SPLIT:
             acc = acc * (tl.load(gs_ptr) * 128.0)                 # 1 / TILE_SCALE
             if X_FP4:
                 acc = acc * (tl.load(xgs_ptr) * 128.0)
@@ -229,17 +229,17 @@ def _nvfp4_gemm_fwd_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, gs_ptr, xgs_ptr, bias_p
             p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :]
             tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
         else:
-            # fp32 partial sums [SPLIT_K, M, N], reduced in split order by _splitk_reduce_fwd_kernel
+            # fp32 partial sums [splits, M, N], reduced in split order by _splitk_reduce_fwd_kernel
             p_o = out_ptr + i_s.to(tl.int64) * M * N + o_m[:, None] * N + o_n[None, :]
             tl.store(p_o, acc, mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _splitk_reduce_fwd_kernel(part_ptr, gs_ptr, xgs_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                              SPLIT_K: tl.constexpr, X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SPLITS, X_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr):
-    """out = (sum of the SPLIT_K fp32 partials [SPLIT_K, M, N], in split order) * scales (+ bias): the
-    split-K epilogue in one launch."""
+    """out = (sum of the fp32 partials [SPLITS, M, N], in split order) * scales (+ bias): the split-K
+    epilogue in one launch (SPLITS a runtime count: one compile for every split)."""
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
@@ -247,7 +247,7 @@ def _splitk_reduce_fwd_kernel(part_ptr, gs_ptr, xgs_ptr, bias_ptr, out_ptr, M, N
     p_p = part_ptr + o_m[:, None] * N + o_n[None, :]
     mn = tl.cast(M, tl.int64) * N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for i_s in tl.static_range(SPLIT_K):
+    for i_s in range(SPLITS):
         acc += tl.load(p_p + i_s * mn, mask=m_o, other=0.0)                                    # [BM, BN]
     acc = acc * (tl.load(gs_ptr) * 128.0)                     # 1 / TILE_SCALE
     if X_FP4:
@@ -363,7 +363,7 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
         x, x_scales if fp4_x else dummy, w_codes, w_scales, w_gs, x_gs if fp4_x else dummy,
         bias if bias is not None else dummy, target,
         m, n, k, x.stride(0), out.stride(0), k_per_split,
-        X_FP4=fp4_x, HAS_BIAS=bias is not None, SPLIT_K=split, DOT_DTYPE=dot_dtype,
+        X_FP4=fp4_x, HAS_BIAS=bias is not None, IS_SPLIT=split > 1, DOT_DTYPE=dot_dtype,
         IEEE=dot_dtype == tl.float32, EVEN_K=k % bk == 0, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M,
         num_warps=warps, num_stages=stages)
     if split > 1:
@@ -371,5 +371,5 @@ def gemm(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_gs: t
         rbn = 256 if rbm <= 4 else 128          # a few hundred outputs per program: many programs at decode
         _splitk_reduce_fwd_kernel[(triton.cdiv(m, rbm), triton.cdiv(n, rbn))](
             target, w_gs, x_gs if fp4_x else dummy, bias if bias is not None else dummy, out, m, n, out.stride(0),
-            SPLIT_K=split, X_FP4=fp4_x, HAS_BIAS=bias is not None, BM=rbm, BN=rbn, num_warps=4)
+            split, X_FP4=fp4_x, HAS_BIAS=bias is not None, BM=rbm, BN=rbn, num_warps=4)
     return out
