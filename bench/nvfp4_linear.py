@@ -16,8 +16,10 @@ from nemotron.nvfp4.triton import quantize as q_kernels
 
 from .harness import BenchOp
 
-# (N, K): in_proj 4096->18560, out_proj 8192->4096, shared expert up/down, lm_head, routed expert up/down
-SUPER_LINEARS = [(18560, 4096), (4096, 8192), (5376, 4096), (4096, 5376), (131072, 4096), (2688, 1024), (1024, 2688)]
+# (N, K): in_proj 4096->18560, out_proj 8192->4096, shared expert up/down, lm_head, routed expert up/down,
+# q/o_proj, k/v_proj, fc1/fc2_latent_proj
+SUPER_LINEARS = [(18560, 4096), (4096, 8192), (5376, 4096), (4096, 5376), (131072, 4096), (2688, 1024), (1024, 2688),
+                 (4096, 4096), (256, 4096), (1024, 4096), (4096, 1024)]
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 SHAPES = {
     "nemotron": [(m, n, k) for n, k in SUPER_LINEARS for m in M_VALUES],
