@@ -55,6 +55,14 @@ def test_prefill_grid_is_the_occupancy(m, n, k):
     assert cfg.split == 1 and cfg.programs == min(tiles, occ * SMS)
 
 
+@pytest.mark.parametrize("n,k", SUPER)
+def test_mid_rows_narrow_tiles_when_few(n, k):
+    # 65..512 rows: 128-wide tiles, or 64-wide ones where those give fewer than 2 per SM
+    cfg = gemm.pick_config(256, n, k, SMS)
+    wide = triton.cdiv(256, cfg.bm) * triton.cdiv(n, 128)
+    assert cfg.bn == (128 if wide >= 2 * SMS else gemm.NARROW_BN)
+
+
 def test_untuned_shapes_and_other_gpus():
     # shapes outside the table, and GPUs of another SM count, derive their decode shape from the same rule
     for sms in (78, 114, 132):

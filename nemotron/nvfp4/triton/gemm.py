@@ -39,6 +39,9 @@ CONFIGS = [
     (None, 128, 128, 128, 8, 3, 1),
 ]
 SPLIT_K_MAX_M = 64
+# The 65..512-row bucket when its 128-wide tiles give fewer than 2 per SM (e.g. q_proj at M=256: 128):
+# (BN, BK) 64 x 128, 4.94 SASS instructions per weight (4.64 at 128 x 64), occupancy 3 as well.
+NARROW_BN, NARROW_BK = 64, 128
 GROUP_M = 8
 # The few-rows launch shapes of the Nemotron linears on a 132-SM Hopper (H100 / H200 SXM), chosen with
 # the static report (bench.static): (N, K, max M of the bucket) -> (BN, split). Each reaches >= 2 CTAs
@@ -312,7 +315,8 @@ def _decode_shape(n: int, k: int, m_tiles: int, bm: int, bk: int, sms: int) -> t
 
 def pick_config(m: int, n: int, k: int, sms: int) -> LaunchConfig:
     """The launch of ``[m, k] @ [n, k].T`` on a GPU with ``sms`` SMs: the M bucket of CONFIGS; for few
-    rows the tuned (or derived) BN and K split; for many rows a persistent grid of occupancy x SMs."""
+    rows the tuned (or derived) BN and K split; for many rows a persistent grid of occupancy x SMs, 64 wide
+    in the 65..512-row bucket when 128-wide tiles would give fewer than 2 per SM."""
     max_m, bm, bn, bk, warps, stages, occ = _bucket(m)
     m_tiles = triton.cdiv(m, bm)
     if m <= SPLIT_K_MAX_M:
@@ -324,6 +328,9 @@ def pick_config(m: int, n: int, k: int, sms: int) -> LaunchConfig:
             warps = max(1, warps * bn // 64)
         return LaunchConfig(bm, bn, bk, warps, stages, split, m_tiles * triton.cdiv(n, bn))
     tiles = m_tiles * triton.cdiv(n, bn)
+    if max_m is not None and tiles < 2 * sms:
+        bn, bk = NARROW_BN, NARROW_BK
+        tiles = m_tiles * triton.cdiv(n, bn)
     return LaunchConfig(bm, bn, bk, warps, stages, 1, min(tiles, occ * sms))
 
 
