@@ -258,3 +258,54 @@ def test_a_failing_peer_does_not_hang_the_others(tmp_path):
     assert "injected" in files[1].read_text()
     assert "rank 0 of 2" in msg and "peer rank(s) [1]" in msg and "ep_timeout" in msg, msg
     assert float(elapsed) < EP_TIMEOUT_S + 10, f"rank 0 waited {elapsed} s for a {EP_TIMEOUT_S} s ep_timeout"
+
+
+class _Rank(_Group):
+    def __init__(self, world, rank):
+        super().__init__(world)
+        self.r = rank
+
+    def rank(self):
+        return self.r
+
+
+def test_a_rank_reads_only_its_rows_of_hf_stacked_experts(tmp_path):
+    """HF's in-memory layout (``experts.up_proj [E, I, l]``): a rank reads only its rows (a slice of
+    the stored tensor) and holds exactly the single-process model's rows (no collective involved)."""
+    from safetensors.torch import save_file
+    cfg = _config()
+    full = NemotronHForCausalLM.random(cfg, seed=1)
+    sd = {}
+    for k, v in full.state_dict().items():
+        m = distributed._EXPERT_KEY.fullmatch(k)
+        if m is None:
+            sd[k] = v.contiguous()
+    for name, mod in full.named_modules():
+        if type(mod).__name__ == "MoEExperts":
+            sd[f"{name}.up_proj"], sd[f"{name}.down_proj"] = mod.up_proj.detach(), mod.down_proj.detach()
+    os.makedirs(tmp_path / "m")
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    full.config.save_pretrained(str(tmp_path / "m"))
+    world, rank, local = 4, 2, cfg.n_routed_experts // 4
+    ep = checkpoint._skeleton(NemotronHForCausalLM, cfg, torch.device("cpu"), torch.float32, _Rank(world, rank))
+    rows = []
+    real = checkpoint._get_tensor
+
+    def counting(handle, name, sl):
+        t = real(handle, name, sl)
+        rows.append((name, tuple(t.shape)))
+        return t
+    checkpoint._get_tensor = counting
+    try:
+        tensors = checkpoint._read_tensors(str(tmp_path / "m"), False, distributed.expert_selector(ep))
+    finally:
+        checkpoint._get_tensor = real
+    stacked = [(n, s) for n, s in rows if distributed._STACKED_KEY.fullmatch(n)]
+    assert len(stacked) == 8 and all(s[0] == local for _, s in stacked), stacked
+    checkpoint._load(ep, tensors, "test")
+    for name, mod in ep.named_modules():
+        if type(mod).__name__ == "MoEExperts":
+            want = full.get_submodule(name)
+            assert mod.first == rank * local
+            assert torch.equal(mod.up_proj, want.up_proj[rank * local:(rank + 1) * local])
+            assert torch.equal(mod.down_proj, want.down_proj[rank * local:(rank + 1) * local])
