@@ -7,7 +7,8 @@ allocation of about 2^32 elements (16-bit dtypes: 8 GiB of address space, a few 
 starting at element 2^31, so a wrapped offset lands inside the allocation (reading zeros) instead of
 faulting. Each kernel's result on the wide view must equal, bit for bit, its result on a contiguous
 copy: the same arithmetic on the same values, only the addresses differ. The kernels run under the
-Triton interpreter (or on the GPU, where the same views are as cheap).
+Triton interpreter; on a GPU the allocations are real (8 GiB of device memory per wide view, at most
+five at once).
 """
 from __future__ import annotations
 
