@@ -125,6 +125,26 @@ def _worker(rank, world, port, out_dir):
             for k, v in one.state_dict().items():
                 _equal(v, sd_full[k], f"saved tensor {k}")
 
+        if world == 2:             # NVFP4 experts: built, saved (codes and scales travel as bytes), reloaded
+            q_full = NemotronHForCausalLM.random(cfg, seed=4, recipe="nvfp4-experts")
+            q_ep = NemotronHForCausalLM.random(cfg, seed=4, recipe="nvfp4-experts", ep_group=group)
+            with torch.no_grad():
+                _equal(q_ep(ids), q_full(ids), "NVFP4-expert logits")
+            q_dir = os.path.join(out_dir, "q")
+            q_ep.save_pretrained(q_dir, max_shard_bytes=20000)
+            back = NemotronHForCausalLM.from_pretrained(q_dir, ep_group=group)
+            with torch.no_grad():
+                _equal(back(ids), q_full(ids), "logits of the reloaded NVFP4 expert-parallel model")
+            if rank == 0:
+                sd_full = q_full.state_dict()
+                one = NemotronHForCausalLM.from_pretrained(q_dir).state_dict()
+                assert one.keys() == sd_full.keys()
+                for k, v in one.items():
+                    _equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+                           sd_full[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else sd_full[k],
+                           f"saved NVFP4 tensor {k}")
+            res["nvfp4"] = True
+
         # a rank reading a different checkpoint is refused on every rank, naming it
         other = os.path.join(out_dir, f"other{rank}")
         shutil.copytree(ckpt, other)
@@ -195,6 +215,7 @@ def test_expert_parallel_model_equals_single_process(world, tmp_path):
         dense = {k for k in weight_map if not expert_key.fullmatch(k)}
         assert set(names) == own | dense, sorted(set(names) ^ (own | dense))[:5]
         assert len(own) == len(weight_map) - len(dense) - (e - local) * len(res["held"]) * 2
+        assert res.get("nvfp4") == (True if world == 2 else None)
         msg = res["mismatch"]
         assert f"rank(s) [{world - 1}] of {world}" in msg and "same checkpoint" in msg, msg
 
