@@ -85,6 +85,19 @@ def test_kernel_split_and_tile_boundaries(kv_dtype, t, splits):
     assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what=f"splits={splits} T={t}")
 
 
+@pytest.mark.parametrize("magnitude", [2.0 ** -20, 2.0 ** 20])
+def test_kernel_bf16_q_beyond_fp16_range_against_fp8_cache(magnitude):
+    """An FP8 cache runs fp16 MMAs: bf16 q rows far outside fp16's range (above its max, below its
+    normal numbers) are scaled by a power of two per row (exact), so they keep bf16's relative precision."""
+    q, kc, vc, lens, kw = make_case(3, b=2, t=2, hq=4, hkv=2, d=16, max_len=20, lengths=[20, 9],
+                                    dtype=torch.bfloat16, kv_dtype=FP8)
+    q = (q.float() * magnitude * 2.0 ** -torch.arange(4.0)[:, None]).to(torch.bfloat16)     # heads 1..8x apart
+    want = ref.decode_attention_reference(q, kc, vc, lens, scale=1 / magnitude, **kw)
+    with dispatch.use("triton"):
+        got = decode_attention(q, kc, vc, lens, scale=1 / magnitude, **kw)
+    assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what=f"|q| ~ {magnitude:g}")
+
+
 @pytest.mark.parametrize("impl", ["reference", *IMPLS])
 def test_t_tokens_equal_t_sequential_steps(impl):
     """Query t of T sits at len - T + t: the same as a one-token step on the prefix of that length."""

@@ -60,7 +60,8 @@ def _decode_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, m
                                  sq_b, sq_t, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                  smo_b, smo_t, smo_h, smo_s, sml_b, sml_t, sml_h,
                                  HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                 IEEE: tl.constexpr, Q_TO_FP16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 BD: tl.constexpr):
     i_b, i_hm, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
     i_h, i_m = i_hm // M_BLOCKS, i_hm % M_BLOCKS
@@ -75,11 +76,19 @@ def _decode_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, m
     m_d = o_d < D
     b_pos = n - T + o_t                                 # the last key each row sees
     p_q = q_ptr + i_b * sq_b + o_t[:, None].to(tl.int64) * sq_t + o_hq[:, None] * sq_h + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0).to(DOT_DTYPE)          # [BM, BD]
+    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)          # [BM, BD]
     if HAS_KS:
         qk_scale = qk_scale * tl.load(ks_ptr)
-    p_k0 = k_ptr + i_b * sk_b + i_h.to(tl.int64) * sk_h
-    p_v0 = v_ptr + i_b * sv_b + i_h.to(tl.int64) * sv_h
+    b_qk = tl.full((BM,), 1.0, tl.float32) * qk_scale
+    if Q_TO_FP16:        # bf16 q into fp16 MMAs: a power of two per row brings max |q| into [2^13, 2^14]
+        b_amax = tl.max(tl.abs(b_q), 1)
+        b_e = tl.where(b_amax > 0.0, tl.ceil(tl.log2(tl.where(b_amax > 0.0, b_amax, 1.0))) - 14.0, 0.0)
+        b_q = b_q * tl.exp2(-b_e)[:, None]
+        b_qk = b_qk * tl.exp2(b_e)
+    b_q = b_q.to(DOT_DTYPE)
+    o_n0 = start + tl.arange(0, BN)
+    p_k = k_ptr + i_b * sk_b + i_h.to(tl.int64) * sk_h + o_n0[:, None].to(tl.int64) * sk_n + o_d[None, :]
+    p_v = v_ptr + i_b * sv_b + i_h.to(tl.int64) * sv_h + o_n0[:, None].to(tl.int64) * sv_n + o_d[None, :]
 
     b_m = tl.full((BM,), _NEG_INF, tl.float32)
     b_l = tl.zeros((BM,), tl.float32)
@@ -88,13 +97,15 @@ def _decode_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, m
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < end
         m_nd = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(p_k0 + o_n[:, None].to(tl.int64) * sk_n + o_d[None, :], mask=m_nd, other=0.0)   # [BN, BD]
-        b_v = tl.load(p_v0 + o_n[:, None].to(tl.int64) * sv_n + o_d[None, :], mask=m_nd, other=0.0)   # [BN, BD]
+        b_k = tl.load(p_k, mask=m_nd, other=0.0)                                                 # [BN, BD]
+        b_v = tl.load(p_v, mask=m_nd, other=0.0)                                                 # [BN, BD]
+        p_k += BN * sk_n.to(tl.int64)          # pointers advance: no 64-bit products per element
+        p_v += BN * sv_n.to(tl.int64)
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision="ieee")
         else:
             b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)))
-        b_s = b_s * qk_scale                                                                      # [BM, BN]
+        b_s = b_s * b_qk[:, None]                                                                 # [BM, BN]
         b_s = tl.where(m_n[None, :] & (o_n[None, :] <= b_pos[:, None]), b_s, _NEG_INF)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_ms = tl.where(b_mn == _NEG_INF, 0.0, b_mn)     # a row that has seen nothing yet stays at 0
@@ -150,9 +161,14 @@ def _decode_attention_reduce_fwd_kernel(mo_ptr, ml_ptr, len_ptr, o_ptr, L, D, S,
 
 
 def _dot_dtype(q: torch.Tensor, cache: torch.Tensor):
-    if interpreting() or q.dtype == torch.float32 or cache.dtype == torch.float32:
-        return tl.float32       # interpreter: tl.dot on bf16 multiplies raw bits (upstream bug); fp32 stays fp32
-    return tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    """The MMA operand type: fp32 for fp32 q or cache; fp16 for fp16 q and for an FP8 cache (E4M3 widens
+    to fp16 in one instruction per pair, to bf16 only through fp32; P in [0, 1] keeps 3 more bits); else
+    bf16, or fp32 under the interpreter (tl.dot on bf16 multiplies raw bits there, an upstream bug)."""
+    if q.dtype == torch.float32 or cache.dtype == torch.float32:
+        return tl.float32
+    if q.dtype == torch.float16 or cache.dtype == torch.float8_e4m3fn:
+        return tl.float16
+    return tl.float32 if interpreting() else tl.bfloat16
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, scale, k_scale=None, v_scale=None, splits=None,
@@ -184,7 +200,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, k_scale=None, v_sca
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         mo.stride(0), mo.stride(1), mo.stride(2), mo.stride(3), ml.stride(0), ml.stride(1), ml.stride(2),
         HAS_KS=k_scale is not None, HAS_VS=v_scale is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32,
-        BM=bm, BN=block_n, BD=bd, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        Q_TO_FP16=dot == tl.float16 and q.dtype == torch.bfloat16, BM=bm, BN=block_n, BD=bd, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _decode_attention_reduce_fwd_kernel[(b, t, hq)](
         mo, ml, lengths, out, max_len, d, s,
         mo.stride(0), mo.stride(1), mo.stride(2), mo.stride(3), ml.stride(0), ml.stride(1), ml.stride(2),
