@@ -156,15 +156,6 @@ def _needs_triton(c: Call) -> Optional[str]:
     return None
 
 
-def _ssd_triton(c: Call) -> Optional[str]:
-    why = _needs_triton(c)
-    if why is None and c.device == "cuda" and c.dtype == torch.float32:
-        # the one-kernel scan keeps fp32 tiles of x, B, C and the state on chip: 428,032 B of shared
-        # memory at the default chunk, over the 232,448 B a Hopper block may use (sm_90 compile report)
-        return "fp32 inputs need more shared memory than a block has; pass bf16/fp16 x"
-    return why
-
-
 def _needs_scaled_mm(c: Call) -> Optional[str]:
     if c.device != "cuda":
         return "torch._scaled_mm needs a CUDA device"
@@ -229,7 +220,7 @@ TABLE: dict[str, tuple] = {
                      _FAST("torch NVFP4 GEMM (exact lookup expansion per row chunk, fp32 / bf16 matmul)"), REFERENCE),
     "norm_nvfp4_linear": (_triton(lambda c: "Triton RMSNorm+NVFP4 quantize -> " + _gemm("W4A4")(c)), REFERENCE),
     "fp8_linear": (Impl("scaled_mm", "torch", "torch._scaled_mm FP8 GEMM", _needs_scaled_mm), REFERENCE),
-    "ssd_scan": (Impl("triton", "triton", "Triton one-kernel chunked SSD scan (states on chip)", _ssd_triton),
+    "ssd_scan": (_triton("Triton chunk-parallel SSD scan (chunk cumsum, chunk states, state pass, chunk scan)"),
                  REFERENCE),
     "causal_conv1d": (_triton("Triton causal conv1d"), REFERENCE),
     "causal_conv1d_update": (_triton("Triton causal conv1d"), _FAST(_DECODE), REFERENCE),

@@ -57,12 +57,18 @@ SCRIPT = textwrap.dedent('''
     done.append(compile_one(gemm._nvfp4_gemm_fwd_kernel, dict(
         X_FP4=False, HAS_BIAS=False, IS_SPLIT=False, DOT_DTYPE=tl.float32, IEEE=True, BM=64, BN=64, BK=64, GROUP_M=8),
         dict(fp4, x_ptr="*fp32", out_ptr="*fp32")))
-    io = {n: "*bf16" for n in ("x_ptr", "b_ptr", "c_ptr", "z_ptr", "y_ptr", "dt_ptr")}
-    io["cu_ptr"] = "*i32"
+    io = {n: "*bf16" for n in ("x_ptr", "b_ptr", "c_ptr", "z_ptr", "y_ptr")}
+    io["tab_ptr"] = io["off_ptr"] = "*i64"
+    done.append(compile_one(ssd._ssd_cumsum_fwd_kernel, dict(HAS_DTB=True, SOFTPLUS=True, CLAMP_DT=True,
+                                                             IS_VARLEN=True, Q=128, BH=8), dict(io, dt_ptr="*bf16")))
+    done.append(compile_one(ssd._ssd_chunk_state_fwd_kernel, dict(IS_VARLEN=False, DOT_DTYPE=tl.bfloat16, IEEE=False,
+                                                                  Q=128, BK=64, BP=64, BN=128), io))
+    done.append(compile_one(ssd._ssd_state_passing_fwd_kernel, dict(HAS_S0=True, STORE_FINAL=True, IS_VARLEN=True,
+                                                                    Q=128, BS=256), io))
     for varlen, z in [(False, True), (True, False)]:
-        done.append(compile_one(ssd._ssd_fwd_kernel, dict(
-            HAS_D=True, D_PER_P=False, HAS_Z=z, HAS_DTB=True, SOFTPLUS=True, CLAMP_DT=False, HAS_S0=True,
-            STORE_FINAL=True, IS_VARLEN=varlen, DOT_DTYPE=tl.bfloat16, IEEE=False, Q=128, BP=64, BN=128), io))
+        done.append(compile_one(ssd._ssd_chunk_scan_fwd_kernel, dict(
+            HAS_D=True, D_PER_P=False, HAS_Z=z, IS_VARLEN=varlen, DOT_DTYPE=tl.bfloat16, IEEE=False, Q=128, BM=64,
+            BP=64, BN=128, ONE_N=True), io))
     done.append(compile_one(conv1d._conv1d_fwd_kernel, dict(W=4, HAS_BIAS=True, HAS_S0=True, SILU=True, IS_VARLEN=True,
                                                         BT=32, BD=128),
                             {"x_ptr": "*bf16", "y_ptr": "*bf16", "s0_ptr": "*bf16", "cu_ptr": "*i32"}))
@@ -96,4 +102,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 25 kernels" in r.stdout, r.stdout
+    assert "compiled 28 kernels" in r.stdout, r.stdout

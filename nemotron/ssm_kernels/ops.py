@@ -21,8 +21,7 @@ from .triton import gated_rmsnorm as norm_kernels
 from .triton import ssd as ssd_kernels
 from .triton import state_update as ssu_kernels
 
-CHUNK_SIZES = (16, 32, 64, 128, 256)
-GPU_MAX_CHUNK = 128        # chunk 256 exceeds sm_90's shared memory per block (bench.static)
+CHUNK_SIZES = (16, 32, 64, 128, 256)   # every one fits sm_90's shared memory per block (bench.static)
 MAX_CONV_WIDTH = 32        # the kernel unrolls its W taps; HF's Nemotron-H uses 4
 _EMPTY = lambda like: like.new_empty(0, dtype=torch.float32)  # noqa: E731  (final states not asked for)
 
@@ -234,14 +233,14 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt
         z: ``[B, T, H, P]`` (output gated by silu(z)); dt_bias: ``[H]``; dt_softplus, dt_limit: dt is
         ``clamp(softplus(dt + dt_bias), *dt_limit)``; initial_states: ``[B, H, P, N]`` (or
         ``[S, H, P, N]`` with cu_seqlens); cu_seqlens: int ``[S + 1]`` offsets of S packed sequences
-        in a batch of 1 (boundaries may fall inside a chunk); chunk_size: a power of two in 16..256
-        (16..128 for CUDA tensors: 256 exceeds the shared memory of a block).
+        in a batch of 1 (boundaries may fall inside a chunk); chunk_size: a power of two in 16..256.
         Strided views (e.g. x split from in_proj's output) are fine if the last dim is contiguous.
         The processed dt must be >= 0 and A <= 0 (a decay, as in Mamba-2): every exponent of a
         cumsum difference is clamped to <= 0, so extreme dt / A give finite output.
 
     Returns y ``[B, T, H, P]`` in x's dtype, and with ``return_final_states`` also the fp32 final
-    states ``[B|S, H, P, N]``. Memory beyond x and y: O(chunk) per program (states stay on chip).
+    states ``[B|S, H, P, N]``. The kernels run parallel over chunks (triton/ssd.py); memory beyond x
+    and y: fp32 dt and its cumsum per token and head, and one fp32 ``[H, P, N]`` state per chunk.
 
     Example::
 
@@ -266,11 +265,6 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=128, D=None, z=None, dt_bias=None, dt
     _tensor("dt_bias", dt_bias, [h], device=dev, optional=True)
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size: expected one of {CHUNK_SIZES}, got {chunk_size}")
-    if chunk_size > GPU_MAX_CHUNK and x.is_cuda:
-        # the one-kernel scan keeps chunk x chunk and chunk x N tiles on chip: 442,368 B of shared
-        # memory at chunk 256, over the 232,448 B a Hopper block may use (python -m bench.static)
-        raise ValueError(f"chunk_size: at most {GPU_MAX_CHUNK} on a GPU (the scan's tiles at {chunk_size} need more "
-                         f"shared memory than a block has), got {chunk_size}")
     lo, hi = dt_limit
     if not (0.0 <= lo <= hi):
         raise ValueError(f"dt_limit: expected 0 <= low <= high, got {dt_limit}")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
+from nemotron import dispatch
 from nemotron import ssm_kernels as ssm
 from nemotron.ssm_kernels import reference as ref
 from nemotron.ssm_kernels.triton import ssd as ssd_kernels
@@ -165,8 +166,10 @@ def test_extreme_dt_and_negative_a_stay_finite(kernel_device):
             _close(got, want, 1e-4)
 
 
-def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
-    """A 4K-token scan allocates only y and the final states: no per-chunk state / CB / cumsum tensors."""
+def test_long_sequence_memory_is_outputs_and_chunk_buffers(kernel_device, monkeypatch):
+    """A 4K-token scan allocates y, the final states, and the chunk-parallel stages' fp32 buffers only:
+    dt and its cumsum [1, H, K, Q] and one [H, P, N] state per chunk, nothing quadratic in the chunk
+    (no C B^T tensor) and no per-token state."""
     args, kw = _problem(t=4096, b=1, h=2, g=1, p=16, n=16, seed=3)
     d = kernel_device
     args = [a.to(d) for a in args]
@@ -181,7 +184,9 @@ def test_long_sequence_memory_is_outputs_only(kernel_device, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     y, s = ssd_kernels.ssd_scan(*args, chunk_size=64, return_final_states=True, **kw)
-    assert sum(sizes) == y.numel() * y.element_size() + s.numel() * s.element_size()
+    k = 4096 // 64
+    chunk_buffers = 2 * (2 * k * 64 * 4) + k * 2 * 16 * 16 * 4
+    assert sum(sizes) == y.numel() * y.element_size() + s.numel() * s.element_size() + chunk_buffers
     want, _ = ref.ssd_chunked(*[a.cpu() for a in args], chunk_size=64,
                               **_on("cpu", kw))
     _close(y, want, 1e-4)
@@ -220,6 +225,77 @@ def test_varlen_bad_offsets():
         ssm.ssd_scan(x, dt, A, B, C, cu_seqlens=torch.tensor([0, 7, 5, 10]))
 
 
+def test_chunk_table_numbers_the_chunks_of_each_sequence():
+    """Varlen: chunks start at each sequence's first token (none mixes two sequences), empty sequences
+    have none, and the unused entries of the host-sync-free bound cdiv(T, Q) + S are empty."""
+    cu = torch.tensor([0, 0, 5, 5, 40, 41], dtype=torch.int32)
+    tab, off, k = ssd_kernels._chunk_table(cu, 41, 16)
+    assert k == 3 + 5
+    assert off.tolist() == [0, 0, 1, 1, 4, 5]
+    used = [(1, 0, 5), (3, 5, 21), (3, 21, 37), (3, 37, 40), (4, 40, 41)]
+    assert [tuple(r) for r in tab[:5].tolist()] == used
+    assert (tab[5:, 1:] == 0).all()
+
+
+def test_varlen_empty_and_short_sequences(kernel_device):
+    """More sequences than chunks, empty ones among them, boundaries inside chunks: each sequence equals
+    its own scan, and an empty sequence's final state is its initial state."""
+    args, kw = _problem(t=37, b=1, h=4, g=2, p=16, n=16, seed=4)
+    cu = torch.tensor([0, 0, 3, 4, 4, 20, 21, 37, 37], dtype=torch.int32)
+    s0 = torch.randn(cu.numel() - 1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    want_y, want_s = ref.ssd_recurrence(*args, cu_seqlens=cu, initial_states=s0, **kw)
+    d = kernel_device
+    y, s = ssd_kernels.ssd_scan(*(a.to(d) for a in args), chunk_size=16, cu_seqlens=cu.to(d),
+                                initial_states=s0.to(d), return_final_states=True, **_on(d, kw))
+    _close(y, want_y, TOL[torch.float32])
+    _close(s, want_s, TOL[torch.float32], "final states")
+    for empty in (0, 3, 7):
+        assert torch.equal(s[empty].cpu(), s0[empty]), f"sequence {empty} is empty: its state passes through"
+
+
+def test_large_chunks_match_recurrence(kernel_device):
+    """chunk 128 and 256 (several 64-row blocks per chunk, column blocks up to the diagonal) on a
+    sequence spanning several chunks with a partial last one."""
+    args, kw = _problem(t=300, b=1, h=2, g=1, p=16, n=16, seed=6)
+    want_y, want_s = ref.ssd_recurrence(*args, **kw)
+    d = kernel_device
+    for q in (128, 256):
+        y, s = ssd_kernels.ssd_scan(*(a.to(d) for a in args), chunk_size=q, return_final_states=True, **_on(d, kw))
+        _close(y, want_y, TOL[torch.float32], f"y, chunk {q}")
+        _close(s, want_s, TOL[torch.float32], f"final states, chunk {q}")
+
+
+WRAP = 2 ** 31
+WIDE_STRIDE = WRAP // 2 + 64     # < 2^31 (a 32-bit kernel argument), yet batch row 2 starts past 2^31 - 1
+
+
+def _wide(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` [3, ...] copied into a view with dim-0 stride WIDE_STRIDE elements, inner dims contiguous. It
+    lives at element WRAP of an untouched allocation (address space only, a few pages written), so an
+    offset wrapped in 32 bits reads zeros inside the allocation instead of faulting."""
+    inner = t[0].contiguous().stride()
+    buf = torch.empty(WRAP + 2 * WIDE_STRIDE + t[0].numel(), dtype=t.dtype, device=device)
+    v = buf.as_strided(t.shape, (WIDE_STRIDE, *inner), WRAP)
+    v.copy_(t)
+    assert v.stride(0) < WRAP <= 2 * v.stride(0)
+    return v
+
+
+def test_batch_offsets_are_64_bit(kernel_device):
+    """x, dt, B, C and z with a batch stride whose row-2 offset is past 2^31 elements: the result equals,
+    bit for bit, the scan of contiguous copies (same arithmetic, other addresses). 32-bit offset
+    arithmetic (``i_b * stride`` in int32) wraps there and reads other memory."""
+    args, kw = _problem(t=40, b=3, h=2, g=1, p=16, n=16, seed=7, dtype=torch.bfloat16)
+    z = torch.randn(3, 40, 2, 16, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    d = kernel_device
+    kw = _on(d, dict(kw, z=z))
+    y_wide = ssd_kernels.ssd_scan(*(_wide(a, d) if a.dim() > 1 else a.to(d) for a in args), chunk_size=16,
+                                  **dict(kw, z=_wide(z, d)))
+    y = ssd_kernels.ssd_scan(*(a.to(d) for a in args), chunk_size=16, **kw)
+    assert torch.equal(y_wide, y), "batch rows past 2^31 elements differ: a 32-bit offset wrapped"
+    assert torch.isfinite(y).all() and y[2].abs().max() > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_super_shape(dtype):
@@ -232,10 +308,12 @@ def test_gpu_super_shape(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_refuses_chunk_over_shared_memory():
-    """chunk 256 needs 442,368 B of shared memory per block (bench.static), over sm_90's 232,448 B: a
-    clear error up front, not a launch failure; the CPU paths keep accepting it."""
-    args, _ = _problem(t=300, b=1, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="chunk_size: at most 128 on a GPU"):
-        ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=256)
-    ssm.ssd_scan(*args, chunk_size=256)
+@pytest.mark.parametrize("dtype, chunk", [(torch.bfloat16, 256), (torch.float32, 128), (torch.float32, 256)])
+def test_gpu_every_accepted_chunk_and_dtype_runs(dtype, chunk):
+    """chunk 256 and fp32 inputs once needed more shared memory than a block has (bench.static); the
+    chunk-parallel kernels fit every configuration the API accepts, so they run on the GPU and match."""
+    args, kw = _problem(t=700, b=1, h=16, g=2, p=64, n=128, seed=2, dtype=dtype)
+    assert dispatch.choose("ssd_scan", args[0].cuda()).name == "triton"
+    want, _ = ref.ssd_chunked(*args, chunk_size=chunk, **kw)
+    got = ssm.ssd_scan(*[a.cuda() for a in args], chunk_size=chunk, **_on("cuda", kw))
+    _close(got, want, TOL[dtype])
