@@ -108,8 +108,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, k_scale=None, 
             head-major contiguous is the fastest. q's dtype, or float8_e4m3fn with per-tensor scales.
         lengths: int32/int64 ``[B]`` on q's device: the live length of each row *including* the T new
             tokens, whose K and V must already be written at positions ``len - T .. len - 1``.
-            Values in 0 .. L (checked for CPU tensors; on CUDA, read by the kernel without a host
-            sync and clamped to 0 .. L).
+            Values in 0 .. L: checked for CPU tensors in eager calls; otherwise (CUDA, or under
+            torch.compile, where a check would sync or break the graph) read on the device and clamped.
         scale: softmax scale, default ``D ** -0.5``.
         k_scale, v_scale: per-tensor dequantization scales (float > 0, or a 1-element fp32 tensor on
             q's device, the CUDA-graph-safe form): the value is ``stored * scale``. Required for an
