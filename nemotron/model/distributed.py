@@ -125,11 +125,27 @@ def checkpoint_digest(path: str, files: list) -> bytes:
     return h.digest()
 
 
-def _device_of(group) -> torch.device:
+_CONTROL: dict = {}
+CONTROL_TIMEOUT_S = 1800.0
+
+
+def control_group(group):
+    """A gloo group over the ranks of ``group`` (made once per group, by every rank alike, as the
+    loaders and ``save_pretrained`` are called on every rank) for the host-side steps of loading
+    and saving: checkpoint agreement, the wait for the slowest reader, expert transfers to rank 0.
+    Its waits use no GPU and its own timeout (:data:`CONTROL_TIMEOUT_S`), so ``group`` itself can
+    keep a short timeout (on NCCL its watchdog bounds the decode exchanges, see ``LatentMoE``)."""
     import torch.distributed as dist
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    key = id(group)
+    if key not in _CONTROL:
+        _CONTROL[key] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                       timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
+    return _CONTROL[key]
+
+
+def _global(group, r: int) -> int:
+    import torch.distributed as dist
+    return dist.get_global_rank(group, r)
 
 
 def wait(work, what: str, group, timeout_s: Optional[float], peers) -> None:
@@ -153,8 +169,8 @@ def agree(group, digest: bytes, what: str, timeout_s: Optional[float] = DEFAULT_
     world, rank = group.size(), group.rank()
     if world == 1:
         return
-    dev = _device_of(group)
-    mine = torch.tensor(list(digest[:32].ljust(32, b"\0")), dtype=torch.uint8, device=dev)
+    group = control_group(group)
+    mine = torch.tensor(list(digest[:32].ljust(32, b"\0")), dtype=torch.uint8)
     every = [torch.empty_like(mine) for _ in range(world)]
     wait(dist.all_gather(every, mine, group=group, async_op=True), f"all_gather of the {what} digests", group,
          timeout_s, [r for r in range(world) if r != rank])
@@ -170,8 +186,9 @@ def broadcast_int(group, value: int, what: str, timeout_s: Optional[float] = DEF
     import torch.distributed as dist
     if group.size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_device_of(group))
-    wait(dist.broadcast(t, src, group=group, async_op=True), f"broadcast of the {what}", group, timeout_s,
+    group = control_group(group)
+    t = torch.tensor([value], dtype=torch.int64)
+    wait(dist.broadcast(t, _global(group, src), group=group, async_op=True), f"broadcast of the {what}", group, timeout_s,
          [src] if group.rank() != src else [r for r in range(group.size()) if r != src])
     return int(t.item())
 
@@ -234,9 +251,11 @@ def send_experts(model: nn.Module, group, timeout_s: Optional[float]) -> None:
     """On a rank other than 0: send this rank's expert stacks to rank 0 (which writes them), layer by
     layer, each transfer bounded by ``timeout_s`` (rank 0 writes the ranks' shards in rank order)."""
     import torch.distributed as dist
+    group = control_group(group)
     for name, m in _stacks(model):
         for attr, t in m.stacked().items():
-            wait(dist.isend(_as_bytes(t), 0, group=group), f"send of {name}.{attr} to rank 0", group, timeout_s, [0])
+            wait(dist.isend(_as_bytes(t).cpu(), _global(group, 0), group=group), f"send of {name}.{attr} to rank 0",
+                 group, timeout_s, [0])
 
 
 def receive_experts(model: nn.Module, group, timeout_s: Optional[float]) -> Iterator[tuple[int, dict]]:
@@ -244,13 +263,15 @@ def receive_experts(model: nn.Module, group, timeout_s: Optional[float]) -> Iter
     time (rank 0 holds its own experts and one peer's at once, never the whole model). The stacks
     have rank 0's shapes and dtypes: every rank holds the same number of experts in one format."""
     import torch.distributed as dist
+    group = control_group(group)
     for r in range(1, group.size()):
         sd = {}
         for name, m in _stacks(model):
             stacks = {}
             for attr, t in m.stacked().items():
-                buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8, device=t.device)
-                wait(dist.irecv(buf, r, group=group), f"receive of {name}.{attr} from rank {r}", group, timeout_s, [r])
+                buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+                wait(dist.irecv(buf, _global(group, r), group=group), f"receive of {name}.{attr} from rank {r}", group,
+                     timeout_s, [r])
                 stacks[attr] = buf.view(t.dtype).view(t.shape)
             sd.update(m.peer(r * m.num_experts, stacks).state_dict(prefix=name + "."))
         yield r, {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

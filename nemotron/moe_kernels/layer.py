@@ -362,7 +362,8 @@ class LatentMoE(nn.Module):
             mid-step leaves its peers waiting in ``all_to_all``; past the timeout they raise a
             ``RuntimeError`` naming their rank and the peer ranks of the exchange. Bound the group
             too (``init_process_group(timeout=timedelta(seconds=60))``) for the collectives outside
-            this layer.
+            this layer, and for the padded exchange on CUDA, which does not wait on the host (the
+            group's timeout bounds it there: NCCL's watchdog aborts a hung collective).
         ep_dispatch: "exact" (default): each exchange carries exactly the rows routed to each rank,
             after an exchange of the split sizes (one device-to-host read per forward); ranks may
             pass different token counts. "padded": fixed-capacity buffers of ``T * min(k, E / W)``
@@ -491,7 +492,9 @@ class LatentMoE(nn.Module):
 
         def exchange(t: torch.Tensor, what="rows") -> torch.Tensor:
             out = torch.empty_like(t)
-            self._all_to_all(what, out, t, None, None, peers)
+            # on CUDA a bounded wait would block the host (the sync this path avoids): the work joins
+            # the stream, and the group's timeout (NCCL's watchdog) bounds a hung exchange
+            self._all_to_all(what, out, t, None, None, peers, host_wait=not t.is_cuda)
             return out
 
         pad = _pack(xl.new_zeros(1, xl.shape[1]), torch.full((1,), -1, dtype=torch.int32, device=dev),
@@ -569,15 +572,16 @@ class LatentMoE(nn.Module):
             return x.new_zeros(0, x.shape[1], dtype=fast.compute_dtype(x))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _all_to_all(self, what: str, out, inp, out_splits, in_splits, peers) -> None:
+    def _all_to_all(self, what: str, out, inp, out_splits, in_splits, peers, host_wait: bool = True) -> None:
         """One ``all_to_all_single``, waited on for at most ``ep_timeout`` seconds; a failure (a peer
-        that crashed, or one that never joined the exchange) raises naming this rank and its peers."""
+        that crashed, or one that never joined the exchange) raises naming this rank and its peers.
+        Without ``host_wait`` the wait only orders the current stream after the exchange."""
         import datetime
 
         import torch.distributed as dist
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ep_group, async_op=True)
-            if self.ep_timeout is None:
+            if self.ep_timeout is None or not host_wait:
                 work.wait()
             else:
                 work.wait(timeout=datetime.timedelta(seconds=self.ep_timeout))
