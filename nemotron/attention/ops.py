@@ -42,11 +42,15 @@ def _(q, k_cache, v_cache, lengths, scale, k_scale, v_scale, impl=""):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+MASK_ELEMENTS = 1 << 24       # the torch path's causal mask per query chunk: T > 1 never builds [T, len] at once
+
+
 def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.Tensor:
     """torch SDPA per row over its live slice ``[0, len)``. GQA goes into the query rows (the
     Hq / Hkv heads of a kv head and the T tokens: ``[Hkv, T * G, D]`` against ``[Hkv, len, D]``):
-    on CPU, SDPA's ``enable_gqa`` took 40-60x longer at Super's heads (bench.attention). A causal
-    mask (bottom-right) only when T > 1. fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
+    on CPU, SDPA's ``enable_gqa`` took 40-60x longer at Super's heads (bench.attention). T > 1 runs in
+    query chunks whose bottom-right causal mask has at most ``MASK_ELEMENTS`` entries (prefill over a
+    long cache stays bounded). fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
     b, t, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -60,16 +64,17 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
             else k_cache[i, :, :n]                                                           # [Hkv, n, D]
         v = ref.dequantize_kv(v_cache[i, :, :n], v_scale, work) if v_scale is not None or v_cache.dtype != work \
             else v_cache[i, :, :n]
-        qi = q[i].reshape(t, hkv, g, d).transpose(0, 1).reshape(hkv, t * g, d)              # rows (t, g)
-        mask = None
-        if t > 1:
-            pos = n - t + torch.arange(t * g, device=q.device) // g                          # [T * G]
-            mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]               # [T * G, n]
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)          # [Hkv, T * G, D]
-        o = o.reshape(hkv, t, g, d).transpose(0, 1).reshape(t, hq, d)
-        if t > n:          # queries before the row's first key see nothing (SDPA gives NaN there)
-            o = o.masked_fill((n - t + torch.arange(t, device=q.device) < 0)[:, None, None], 0.0)
-        out[i] = o
+        first = max(0, t - n)              # queries before the row's first key see nothing: they stay zero
+        step = t if t == 1 else max(1, MASK_ELEMENTS // (g * n))
+        for t0 in range(first, t, step):
+            t1 = min(t, t0 + step)
+            qi = q[i, t0:t1].reshape(t1 - t0, hkv, g, d).transpose(0, 1).reshape(hkv, (t1 - t0) * g, d)  # rows (t, g)
+            mask = None
+            if t > 1:
+                pos = n - t + t0 + torch.arange((t1 - t0) * g, device=q.device) // g                   # [T' * G]
+                mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]                      # [T' * G, n]
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)              # [Hkv, T' * G, D]
+            out[i, t0:t1] = o.reshape(hkv, t1 - t0, g, d).transpose(0, 1).reshape(t1 - t0, hq, d)
     return out
 
 

@@ -98,6 +98,18 @@ def test_kernel_bf16_q_beyond_fp16_range_against_fp8_cache(magnitude):
     assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what=f"|q| ~ {magnitude:g}")
 
 
+def test_torch_path_query_chunks(monkeypatch):
+    """T > 1 on the torch path runs in query chunks bounded by the mask size: chunks of 1-2 tokens here."""
+    from nemotron.attention import ops
+    monkeypatch.setattr(ops, "MASK_ELEMENTS", 80)
+    q, kc, vc, lens, kw = make_case(11, b=3, t=5, hq=4, hkv=2, d=16, max_len=24, lengths=[24, 3, 20],
+                                    dtype=torch.float32, kv_dtype=FP8)
+    want = ref.decode_attention_reference(q, kc, vc, lens, **kw)
+    with dispatch.use("torch"):
+        got = decode_attention(q, kc, vc, lens, **kw)
+    assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what="chunked torch path")
+
+
 @pytest.mark.parametrize("impl", ["reference", *IMPLS])
 def test_t_tokens_equal_t_sequential_steps(impl):
     """Query t of T sits at len - T + t: the same as a one-token step on the prefix of that length."""
