@@ -69,7 +69,7 @@ def _config(q: int, p: int, n: int, fp32: bool) -> dict:
         blocks = dict(BM=min(32, max(16, q // 2)), BN=min(n2, 16), BK=min(q, 32), state_BN=min(n2, 32))
     else:
         blocks = dict(BM=min(q, 64), BN=min(n2, 128), BK=min(q, 64), state_BN=min(n2, 128))
-    return dict(blocks, BP=bp, warps=4, stages=2, state_warps=4, state_stages=3, BH=min(16, max(4, 1024 // q)))
+    return dict(blocks, BP=bp, warps=4, stages=2, state_warps=4, state_stages=3, BH=max(2, min(16, 512 // q)))
 
 
 def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
