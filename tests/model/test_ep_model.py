@@ -330,3 +330,29 @@ def test_a_rank_reads_only_its_rows_of_hf_stacked_experts(tmp_path):
             assert mod.first == rank * local
             assert torch.equal(mod.up_proj, want.up_proj[rank * local:(rank + 1) * local])
             assert torch.equal(mod.down_proj, want.down_proj[rank * local:(rank + 1) * local])
+
+
+def test_cli_generate_under_torchrun_prints_on_rank_0_only(tmp_path):
+    """``torchrun --nproc-per-node 2 -m nemotron generate --ep``: the single-process tokens, printed once."""
+    import subprocess
+    import sys
+    model = _scaled(NemotronHForCausalLM.random(_config(), seed=3))
+    model.save_pretrained(str(tmp_path / "m"))
+    want = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6)[0, 3:].tolist()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "nemotron", "generate", "--model", str(tmp_path / "m"), "--ids", "5,6,7", "--max-new-tokens", "6",
+           "--ep", "--ep-timeout", "30"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if "," in ln and "loading" not in ln]
+    assert lines == [",".join(map(str, want))], out.stdout
+    assert out.stdout.count("rank 0 of 2: parameters") == 1 and "rank 1" not in out.stdout
+
+
+def test_cli_ep_outside_torchrun_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from nemotron.__main__ import main
+    NemotronHForCausalLM.random(_config()).save_pretrained(str(tmp_path / "m"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "--model", str(tmp_path / "m"), "--ids", "1,2", "--ep"]) == 2
+    assert "--ep: launch under torchrun" in capsys.readouterr().err
