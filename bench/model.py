@@ -25,6 +25,7 @@ rate, tokens per round, and whether the output equals plain greedy token for tok
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -151,8 +152,9 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
                 harness._sync(device)
                 t0 = time.perf_counter()
                 for p in batch:
-                    outs[k].append(model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k))
-                    stats[k].append(model.last_generate_stats)
+                    o, st = model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k, output_stats=True)
+                    outs[k].append(o)
+                    stats[k].append(dataclasses.asdict(st))
                 harness._sync(device)
                 times[k].append(time.perf_counter() - t0)
         for k in ks:
@@ -176,6 +178,64 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
                 prompts=prompts, prompt_tokens=64, new_tokens=new_tokens, device=harness.device_info(device),
                 cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), rows=rows,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def run_ep(preset: str, world: int, prompt: int, steps: int, device) -> dict:
+    """Expert parallelism over ``world`` torchrun ranks (1: one plain process): prefill tokens/s of a
+    ``prompt``-token batch-1 forward, then ``steps`` greedy batch-1 decode steps, each step's time and
+    the bytes this rank sent in the MoE all-to-alls (latent ``dispatch`` rows, fp32 ``combine`` slots,
+    ``metadata``) summed over the MoE layers; ``full_width_dispatch`` is what hidden-width rows would
+    have cost (dispatch x H / l). Every rank steps in lockstep (each exchange waits for all); rank 0
+    reports its clock."""
+    from nemotron.model import distributed
+    group = None
+    if "WORLD_SIZE" in os.environ:
+        group, device = distributed.init_from_env()
+    if (group.size() if group is not None else 1) != world:
+        raise SystemExit(f"--ep {world}: launch with torchrun --nproc-per-node {world} -m bench.model --ep {world}")
+    cfg = NemotronHConfig.preset(preset)
+    model = NemotronHForCausalLM.random(cfg, device=device, seed=0, ep_group=group)
+    rank = group.rank() if group is not None else 0
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(distributed.memory_line(model), flush=True)
+    ids = torch.randint(3, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    rows, latent = [], cfg.moe_latent_size or cfg.hidden_size
+    with torch.no_grad():
+        model(ids)                                                      # warm-up
+        prefill = []
+        for _ in range(3):
+            harness._sync(device)
+            t0 = time.perf_counter()
+            model(ids)
+            harness._sync(device)
+            prefill.append(time.perf_counter() - t0)
+        sec = sorted(prefill)[1]
+        comm = distributed.comm_bytes(model)
+        rows.append(dict(phase="prefill", tokens=prompt, seconds=sec, tokens_per_s=prompt / sec, **comm))
+        say(f"ep {world} prefill {prompt} tokens: {prompt / sec:9.1f} tok/s, all-to-all bytes sent by rank 0: "
+            f"dispatch {comm['dispatch']}, combine {comm['combine']}, metadata {comm['metadata']}", flush=True)
+        cache = model.new_cache(1, prompt + steps + 1)
+        nxt = model(ids, cache=cache)[:, -1:].argmax(-1)
+        times, per_step = [], []
+        for _ in range(steps):
+            harness._sync(device)
+            t0 = time.perf_counter()
+            nxt = model(nxt, cache=cache)[:, -1:].argmax(-1)
+            harness._sync(device)
+            times.append(time.perf_counter() - t0)
+            per_step.append(distributed.comm_bytes(model))
+    sec = sorted(times)[len(times) // 2]
+    mean = {k: sum(c[k] for c in per_step) / steps for k in ("dispatch", "combine", "metadata")}
+    rows.append(dict(phase="decode", steps=steps, seconds=sec, tokens_per_s=1 / sec, step_seconds=times,
+                     bytes_per_step=mean, full_width_dispatch_per_step=mean["dispatch"] * cfg.hidden_size / latent,
+                     per_step_bytes=per_step))
+    say(f"ep {world} decode: {1 / sec:9.1f} tok/s (median of {steps} steps), all-to-all bytes per step sent by rank 0: "
+        f"dispatch {mean['dispatch']:.0f} (hidden-width rows would be {mean['dispatch'] * cfg.hidden_size / latent:.0f}), "
+        f"combine {mean['combine']:.0f}, metadata {mean['metadata']:.0f}", flush=True)
+    doc = dict(kernel=f"model_ep{world}_{preset}", preset=preset, world=world, device=harness.device_info(device),
+               cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), memory=distributed.param_bytes(model),
+               rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return doc if rank == 0 else None
 
 
 def _save(doc: dict):
@@ -206,9 +266,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4, help="with --mtp: held-out prompts")
     p.add_argument("--new-tokens", type=int, default=64, help="with --mtp: tokens generated per prompt")
     p.add_argument("--reps", type=int, default=5, help="with --mtp: timed passes over the prompts (median)")
+    p.add_argument("--ep", type=int, default=None, help="expert parallelism over W torchrun ranks: prefill and decode "
+                   "tok/s and all-to-all bytes per step (torchrun --nproc-per-node W -m bench.model --ep W)")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    if a.mtp is not None:
+    if a.ep is not None:
+        doc = run_ep(a.preset, a.ep, ints(a.prefill)[0], max(a.steps, 16), device)
+        if doc is None:                 # ranks other than 0 neither print nor write
+            return 0
+    elif a.mtp is not None:
         doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device)
     else:
         doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,

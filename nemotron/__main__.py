@@ -4,7 +4,7 @@
                                         from a prompt, held-out loss of both, generation with and without MTP,
                                         eager vs torch.compile(backend="nemotron"); then every kernel vs its
                                         reference
-  generate --model DIR [--ids 1,2,3 | --prompt TEXT]   generate from a checkpoint
+  generate --model DIR [--ids 1,2,3 | --prompt TEXT]...  generate from a checkpoint (a batch)
   quantize --model DIR --recipe R --out DIR            BF16 HF checkpoint -> ModelOpt NVFP4 checkpoint
   train --out DIR [--recipe nvfp4] [--steps N] [--max-minutes M] [--resume]
                                         train the stdlib-tiny model on the Python standard library
@@ -199,13 +199,13 @@ def _demo_model(compile_model: bool) -> bool:
         model.generate(prompt, max_new_tokens=8, mtp_draft_tokens=3)            # warm-up
         for k in (0, 1, 3):
             t0 = time.perf_counter()
-            o = model.generate(prompt, max_new_tokens=64, mtp_draft_tokens=k)
-            runs[k] = (o, time.perf_counter() - t0, dict(model.last_generate_stats))
+            o, st = model.generate(prompt, max_new_tokens=64, mtp_draft_tokens=k, output_stats=True)
+            runs[k] = (o, time.perf_counter() - t0, st)
     print("\ngreedy generation of 64 tokens after a 64-token held-out prompt:")
     for k, (o, secs, st) in runs.items():
         same = torch.equal(o, runs[0][0])
         ok &= same
-        extra = (f"  acceptance {st['acceptance_rate']:.2f}, {st['tokens_per_round']:.2f} tokens/round, "
+        extra = (f"  acceptance {st.acceptance_rate:.2f}, {st.tokens_per_round:.2f} tokens/round, "
                  f"output identical: {same}" if k else "")
         speed = f"{64 / secs:6.1f} tok/s" + (f" ({runs[0][1] / secs:.2f}x)" if k else "")
         print(f"  {'MTP k=' + str(k) if k else 'no MTP':8s} {speed}{extra}")
@@ -358,19 +358,27 @@ def _demo_moe(gpu: bool) -> bool:
 
 
 def generate_cmd(argv=None) -> int:
-    p = _Parser(prog="nemotron generate", description="Generate from a nemotron_h checkpoint.")
+    p = _Parser(prog="nemotron generate", description="Generate from a nemotron_h checkpoint. Several --prompt (or "
+                "--ids) run as one left-padded batch; each row is printed on its own line.")
     p.add_argument("--model", required=True, help="checkpoint directory (HF or ModelOpt)")
-    p.add_argument("--ids", type=_token_ids, default=None, help="comma-separated prompt token ids")
-    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json in the model directory)")
+    p.add_argument("--ids", type=_token_ids, action="append", default=None,
+                   help="comma-separated prompt token ids (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (needs tokenizer.json in the model directory; repeat for a batch)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--mtp", type=_int_at_least(0), default=0, help="draft tokens per step with the MTP block")
     p.add_argument("--device", default=None)
+    p.add_argument("--ep", action="store_true", help="expert parallelism over the ranks of a torchrun launch "
+                   "(torchrun --nproc-per-node W [--nnodes N] -m nemotron generate ... --ep); only rank 0 prints")
+    p.add_argument("--ep-timeout", type=_positive_finite, default=60.0,
+                   help="with --ep: seconds each exchange waits for the other ranks (default 60)")
     a = p.parse_args(argv)
     from nemotron.model import NemotronHForCausalLM
     if (a.ids is None) == (a.prompt is None):
-        p.error("give exactly one of --ids and --prompt")
+        p.error("give --ids or --prompt (either may repeat), not both")
     tok = None
     if a.prompt is not None:
         path = os.path.join(a.model, "tokenizer.json")
@@ -381,19 +389,55 @@ def generate_cmd(argv=None) -> int:
         except ImportError:
             p.error("--prompt: needs the 'tokenizers' package (pip install tokenizers); or pass --ids")
         tok = Tokenizer.from_file(path)
-        ids = tok.encode(a.prompt).ids
+        rows = [tok.encode(text).ids for text in a.prompt]
+        for text, r in zip(a.prompt, rows):
+            if not r:
+                p.error(f"--prompt: {text!r} encodes to no tokens")
     else:
-        ids = a.ids
+        rows = a.ids
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True)
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=a.max_new_tokens,
-                         temperature=a.temperature, top_p=a.top_p, mtp_draft_tokens=a.mtp,
-                         eos_token_id=model.config.eos_token_id)
-    new = out[0, len(ids):].tolist()
-    print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
-    if a.mtp:
-        print(f"MTP: {model.last_generate_stats}", file=sys.stderr)
+    group, rank = _ep_init(a) if a.ep else (None, 0)
+    if group is not None:
+        device = a.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    model = NemotronHForCausalLM.from_pretrained(a.model, device=device, progress=True, ep_group=group,
+                                                 ep_timeout=a.ep_timeout)
+    width = max(map(len, rows))
+    pad = model.config.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    out, stats = model.generate(ids, attention_mask=mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                top_p=a.top_p, mtp_draft_tokens=a.mtp, eos_token_id=model.config.eos_token_id,
+                                generator=gen, output_stats=True)
+    eos = model.config.eos_token_id
+    stops = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))       # the pads after a stop
+        new = row[:cut]
+        print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
+    if a.mtp and rank == 0:
+        print(f"MTP: acceptance {stats.acceptance_rate:.2f} ({stats.accepted}/{stats.drafted} drafts), "
+              f"{stats.tokens_per_round:.2f} tokens per round, {stats.rounds} rounds", file=sys.stderr)
     return 0
+
+
+def _ep_init(a):
+    """The torchrun process group (gloo on CPU, NCCL with this rank's GPU), its timeout --ep-timeout
+    (loading waits on a side group of its own, 30 minutes): (group, rank); every rank's stdout but
+    rank 0's goes to /dev/null."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from nemotron.model import distributed
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--ep: launch under torchrun (torchrun --nproc-per-node W [--nnodes N ...] -m nemotron "
+                         "generate ... --ep)")
+    group, _ = distributed.init_from_env(timeout_s=a.ep_timeout)
+    atexit.register(dist.destroy_process_group)
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return group, group.rank()
 
 
 def quantize_cmd(argv=None) -> int:

@@ -1,23 +1,30 @@
 """The hybrid cache: per-layer KV for attention, conv and SSM states for Mamba-2, allocated once.
 
-  KV          ``[B, max_len, KVH, D]`` per attention layer, the model dtype, or ``kv_dtype``: float32,
+  KV          ``[B, KVH, max_len, D]`` per attention layer (head-major: a decode step reads each
+              head's live prefix contiguously), the model dtype, or ``kv_dtype``: float32,
               bfloat16, float16, or float8_e4m3fn with a unit scale (values saturated to +-448)
   conv state  ``[B, W-1, conv_dim]`` per Mamba layer, channel-last: the last W-1 xBC inputs
   SSM state   ``[B, H, P, N]`` per Mamba layer, fp32 (or fp16, rounded to nearest or stochastically
               with a seeded generator; the update itself always runs in fp32). A model's cache
               takes the config's ``mamba_ssm_cache_dtype`` by default (:func:`config_ssm_dtype`)
 
-Positions are 0-dim int64 device tensors (``pos``, ``mtp_pos``), advanced in place, and attention
-reads the whole static KV buffer under a mask: a decode step has the same shapes and reads no
-Python integer that changes, so a compiled step never recompiles and can be captured in a CUDA
-graph. ``seq_len`` / ``mtp_len`` read them back (a device-to-host copy) for host-side bookkeeping.
+Positions are per sequence: ``pos`` and ``mtp_pos`` are int64 device tensors ``[B]``, the number of
+tokens each row holds (its KV occupies slots ``[0, pos[b])``), advanced in place. Rows advance by
+different amounts: a left-padded prompt stores only its real tokens (its pads never enter the
+cache), and speculative decoding accepts a different number of tokens per row. Nothing in a step
+reads a position on the host, so a compiled step never recompiles and can be captured in a CUDA
+graph. ``lengths()`` reads them back (a device-to-host copy) for host-side bookkeeping.
+
+Tokens that are not real (``valid`` false: left padding of a prompt, right padding of an MTP
+catch-up) are written after the row's real ones, past its length, where later tokens overwrite
+them: :meth:`LayerCache.append_kv` places a call's tokens in a stable partition, real first.
 
 Speculative decoding: between :meth:`begin_verify` and :meth:`accept`, each Mamba layer runs the
 T verified tokens in one multi-token conv update and one multi-token state update, which write the
 conv and SSM states after every token into per-layer buffers ``[B, T, W-1, conv_dim]`` and
-``[B, T, H, P, N]`` (allocated on first use, kept and grown as needed), so ``accept(n)`` rolls back
-by copying the states after the n-th verified token out of them; KV entries past the accepted
-position are simply overwritten later.
+``[B, T, H, P, N]`` (allocated by :meth:`reserve_verify` or on first use, kept and grown as needed),
+so ``accept(n)``, with one count per row, rolls each row back by copying the states after its
+n-th verified token out of them; KV entries past the accepted position are overwritten later.
 """
 from __future__ import annotations
 
@@ -75,19 +82,26 @@ class LayerCache:
         return self.parent.recording
 
     # attention
-    def append_kv(self, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ``[B, T, KVH, D]`` at the current position; returns the whole buffers
-        ``[B, max_len, KVH, D]`` and the positions ``[T]`` of the new tokens (for the mask)."""
-        idx = self.pos + torch.arange(k.shape[1], device=k.device)
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None):
+        """Write k, v ``[B, T, KVH, D]`` after each row's ``pos[b]`` tokens. Returns the buffers
+        ``[B, KVH, max_len, D]``, the lengths ``[B]`` = pos + T that the attention reads, and
+        ``rel [B, T]`` (None when every token is real): token j of row b went to slot
+        ``pos[b] + rel[b, j]``, real tokens first in their order, then the others (``valid`` false)
+        past the row's new length, where later tokens overwrite them."""
+        b, t = k.shape[:2]
+        rel = None if valid is None else token_slots(valid)
+        off = torch.arange(t, device=k.device) if rel is None else rel
+        idx = self.pos[:, None] + off                                           # [B, T]
+        rows = torch.arange(b, device=k.device)[:, None].expand(b, t)
         kc, vc = self.k, self.v
-        if kc.dtype == torch.float8_e4m3fn:   # saturate; written as bytes (no fp8 index_copy on CPU)
+        if kc.dtype == torch.float8_e4m3fn:   # saturate; written as bytes (no fp8 index_put on CPU)
             k, v = k.clamp(-448, 448).to(kc.dtype), v.clamp(-448, 448).to(kc.dtype)
-            kc.view(torch.uint8).index_copy_(1, idx, k.view(torch.uint8))
-            vc.view(torch.uint8).index_copy_(1, idx, v.view(torch.uint8))
+            kc.view(torch.uint8)[rows, :, idx] = k.view(torch.uint8)
+            vc.view(torch.uint8)[rows, :, idx] = v.view(torch.uint8)
         else:
-            kc.index_copy_(1, idx, k.to(kc.dtype))
-            vc.index_copy_(1, idx, v.to(vc.dtype))
-        return kc, vc, idx
+            kc[rows, :, idx] = k.to(kc.dtype)
+            vc[rows, :, idx] = v.to(vc.dtype)
+        return kc, vc, self.pos + t, rel
 
     # Mamba: SSM state precision
     def ssm_initial(self) -> torch.Tensor:
@@ -139,14 +153,21 @@ class LayerCache:
         if state is not self.ssm:
             self.ssm.copy_(self.parent.round_state(state))
 
-    def roll_back(self, n: int) -> None:
-        """Keep the first n recorded tokens: the conv and SSM states after the n-th."""
-        if not 1 <= n <= self.rec_t:
-            raise ValueError(f"n: expected 1..{self.rec_t} verified tokens, got {n}")
-        if n < self.rec_t:              # else the update left (end_verify_step stored) the state after the last
-            self.conv.copy_(self._rec_conv[:, n - 1])
-            self.ssm.copy_(self.parent.round_state(self._rec_ssm[:, n - 1]))
+    def roll_back(self, n: torch.Tensor) -> None:
+        """Keep each row's first ``n[b]`` recorded tokens (``n``: int64 ``[B]``, 1..rec_t): the conv
+        and SSM states after them, copied out of the record buffers (no host read)."""
+        rows = torch.arange(n.shape[0], device=n.device)
+        last = n - 1
+        self.conv.copy_(self._rec_conv[rows, last])
+        self.ssm.copy_(self.parent.round_state(self._rec_ssm[rows, last]))
         self.rec_t = 0
+
+
+def token_slots(valid: torch.Tensor) -> torch.Tensor:
+    """``rel [B, T]`` int64 for a bool mask ``valid [B, T]``: the stable partition that puts each
+    row's real tokens first (in order), then its others: ``rel[b, j]`` is token j's place."""
+    v = valid.long()
+    return torch.where(valid, v.cumsum(1) - 1, v.sum(1, keepdim=True) + (1 - v).cumsum(1) - 1)
 
 
 class HybridCache:
@@ -159,13 +180,13 @@ class HybridCache:
             raise ValueError(f"ssm_rounding: expected 'nearest' or 'stochastic', got {ssm_rounding!r}")
         batch, max_len = dispatch.check_int("batch", batch, lo=1), dispatch.check_int("max_len", max_len, lo=1)
         self.batch, self.max_len = batch, max_len
-        self.pos = torch.zeros((), dtype=torch.int64, device=device)      # tokens of the main model
-        self.mtp_pos = torch.zeros((), dtype=torch.int64, device=device)  # tokens the MTP attention cached
+        self.pos = torch.zeros(batch, dtype=torch.int64, device=device)      # tokens of the main model, per row
+        self.mtp_pos = torch.zeros(batch, dtype=torch.int64, device=device)  # tokens the MTP attention cached
         self.ssm_dtype, self.ssm_rounding = ssm_dtype, ssm_rounding
         self.recording = False
         self._gen = torch.Generator(device=device).manual_seed(seed) if ssm_rounding == "stochastic" else None
         self.kv, self.conv, self.ssm = {}, {}, {}
-        kv_shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+        kv_shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         kinds = list(enumerate(config.layers_block_type))
         if mtp:
             kinds += [(f"mtp.{j}", k) for j, k in enumerate(config.mtp_layers_block_type)]
@@ -187,10 +208,21 @@ class HybridCache:
                       *(x for kv in self.kv.values() for x in kv)]:
                 torch._dynamo.mark_static_address(t)
 
-    # -- positions and attention -----------------------------------------------------------------
+    # -- positions ----------------------------------------------------------------------------
+    def lengths(self, *, mtp: bool = False) -> list:
+        """Each row's token count (a device-to-host copy)."""
+        return (self.mtp_pos if mtp else self.pos).tolist()
+
+    def _uniform(self, mtp: bool) -> int:
+        n = self.lengths(mtp=mtp)
+        if len(set(n)) != 1:
+            raise ValueError(f"cache: the rows hold different numbers of tokens {n}; read lengths() instead")
+        return n[0]
+
     @property
     def seq_len(self) -> int:
-        return int(self.pos)
+        """The rows' common token count (raises when they differ: see :meth:`lengths`)."""
+        return self._uniform(False)
 
     @seq_len.setter
     def seq_len(self, n: int) -> None:
@@ -198,22 +230,24 @@ class HybridCache:
 
     @property
     def mtp_len(self) -> int:
-        return int(self.mtp_pos)
+        return self._uniform(True)
 
     @mtp_len.setter
     def mtp_len(self, n: int) -> None:
         self.mtp_pos.fill_(n)
 
     def check_room(self, t: int, *, mtp: bool = False) -> None:
-        """Eager-mode bound check (one device-to-host read); compiled callers size the cache."""
+        """Eager bound check for t more tokens per row (one device-to-host read); ``generate``
+        checks once per call instead, and compiled callers size the cache."""
         if torch.compiler.is_compiling():
             return
-        used = self.mtp_len if mtp else self.seq_len
+        used = max(self.lengths(mtp=mtp))
         if used + t > self.max_len:
             raise ValueError(f"cache: {used + t} {'MTP ' if mtp else ''}tokens exceed max_len {self.max_len}; "
                              "allocate a longer cache")
 
-    def advance(self, t: int, *, mtp: bool = False) -> None:
+    def advance(self, t, *, mtp: bool = False) -> None:
+        """Advance every row by t tokens (an int), or row b by ``t[b]`` (an int64 tensor ``[B]``)."""
         (self.mtp_pos if mtp else self.pos).add_(t)
 
     # -- SSM state precision ----------------------------------------------------------------------
@@ -233,21 +267,42 @@ class HybridCache:
         return torch.where(u < p, hi, lo).to(self.ssm_dtype)
 
     # -- speculative verification -----------------------------------------------------------------
+    def reserve_verify(self, t: int) -> None:
+        """Allocate the record buffers for verifications of up to t tokens now (a compiled verify
+        step then finds them in place rather than allocating on its first call)."""
+        for lc in self.layers.values():
+            if lc.conv is not None:
+                lc.verify_buffers(t)
+                lc.rec_t = 0
+
     def begin_verify(self) -> None:
         """Start a verification: the forwards until :meth:`accept` record every Mamba state."""
         self.recording = True
         for lc in self.layers.values():
             lc.rec_t = 0
 
-    def accept(self, n: int) -> None:
-        """Keep the first ``n`` verified tokens: Mamba states roll back (a copy out of the record
-        buffers), the position advances by n."""
+    def accept(self, n, *, check: bool = True) -> None:
+        """Keep the first ``n`` verified tokens of each row (an int for every row, or an int64
+        tensor ``[B]``, each in 1..T): Mamba states roll back (a copy out of the record buffers),
+        each row's position advances by its count. ``check=False`` skips the range check of a
+        tensor ``n`` (a host read), for callers that compute n in range, as ``generate`` does."""
         if not self.recording:
             raise RuntimeError("accept: no verification in progress (call begin_verify first)")
         recorded = [lc for lc in self.layers.values() if lc.rec_t]
-        for lc in recorded:          # check first: a bad n leaves every layer as it was
-            if not 1 <= n <= lc.rec_t:
-                raise ValueError(f"n: expected 1..{lc.rec_t} verified tokens, got {n}")
+        t = recorded[0].rec_t if recorded else None             # every Mamba layer recorded the same tokens
+        if isinstance(n, torch.Tensor):
+            if n.shape != (self.batch,) or n.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"n: expected an int tensor [{self.batch}], got {n.dtype} {tuple(n.shape)}")
+            n = n.to(device=self.pos.device, dtype=torch.int64)
+            if check and t is not None:
+                lo, hi = n.min().item(), n.max().item()
+                if lo < 1 or hi > t:
+                    raise ValueError(f"n: expected 1..{t} verified tokens per row, got values in [{lo}, {hi}]")
+        else:
+            n = dispatch.check_int("n", n, lo=1)
+            if t is not None and n > t:
+                raise ValueError(f"n: expected 1..{t} verified tokens, got {n}")
+            n = torch.full((self.batch,), n, dtype=torch.int64, device=self.pos.device)
         for lc in recorded:
             lc.roll_back(n)
         self.recording = False

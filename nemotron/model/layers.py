@@ -13,7 +13,7 @@ from torch import nn
 
 from ..moe_kernels.layer import LatentMoE, ReLU2MLP
 from ..ssm_kernels import ops as ssm
-from .cache import LayerCache
+from .cache import LayerCache, token_slots
 from .config import NemotronHConfig
 
 # The SSD scan's chunk tile. The scan's result does not depend on it (only the summation order
@@ -71,20 +71,29 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedNormWeight(self.inter, **kw)
         self.out_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.use_bias, **kw)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid [B, T]`` (bool, left padding: each row's false entries come first) marks the real
+        tokens. A padded position enters the conv as a zero input and the scan as a zero x, so a
+        row's conv and SSM states stay exactly the zero states of an empty sequence until its first
+        real token, as if its prompt were alone."""
         b, t, _ = x.shape
         zxbcdt = self.in_proj(x)
         z, xbc, dt = zxbcdt.split([self.inter, self.cfg.conv_dim, self.heads], dim=-1)
         w = self.conv1d.weight.squeeze(1)
         bias = self.conv1d.bias
         A = -torch.exp(self.A_log.float())
+        if valid is not None:
+            xbc = torch.where(valid[..., None], xbc, 0)
         if cache is not None and (t == 1 or cache.recording):
-            y = self._steps(xbc, dt, w, bias, A, cache)
+            y = self._steps(xbc, dt, w, bias, A, cache, valid)
         else:
             conv0 = cache.conv if cache is not None else None
             xbc, conv_final = ssm.causal_conv1d(xbc.contiguous(), w.contiguous(), bias, activation="silu",
                                                 initial_states=conv0, return_final_states=True)
             xs, B, C = xbc.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
+            if valid is not None:
+                xs = torch.where(valid[..., None], xs, 0)
             s0 = cache.ssm_initial() if cache is not None else None
             y, s_final = ssm.ssd_scan(xs.reshape(b, t, self.heads, self.head_dim), dt.contiguous(), A,
                                       B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
@@ -99,7 +108,7 @@ class Mamba2Mixer(nn.Module):
                               eps=self.cfg.layer_norm_epsilon)
         return self.out_proj(y)
 
-    def _steps(self, xbc, dt, w, bias, A, cache: LayerCache) -> torch.Tensor:
+    def _steps(self, xbc, dt, w, bias, A, cache: LayerCache, valid=None) -> torch.Tensor:
         """Through the cache with the decode updates: one token (decode), or the T drafted tokens of a
         verification in one multi-token call of each update, which keep the states after every token
         in the cache's record buffers so the cache can roll back to any of them."""
@@ -110,6 +119,8 @@ class Mamba2Mixer(nn.Module):
         if not cache.recording:
             xj = ssm.causal_conv1d_update(xbc[:, 0].contiguous(), cache.conv, w.contiguous(), bias, activation="silu")
             xs, B, C = xj.split([self.inter, gn, gn], dim=-1)
+            if valid is not None:
+                xs = torch.where(valid[:, :1], xs, 0)
             state = cache.ssm_working()
             y = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, 0], A,
                                            B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
@@ -120,6 +131,8 @@ class Mamba2Mixer(nn.Module):
         xc = ssm.causal_conv1d_update_multi(xbc.contiguous(), cache.conv, w.contiguous(), bias, activation="silu",
                                             conv_states_out=conv_out)
         xs, B, C = xc.split([self.inter, gn, gn], dim=-1)
+        if valid is not None:
+            xs = torch.where(valid[..., None], xs, 0)
         state = cache.verify_state()
         y = ssm.selective_state_update_multi(state, xs.reshape(b, t, self.heads, self.head_dim), dt_all, A,
                                              B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
@@ -142,22 +155,54 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, **kw)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, **kw)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid [B, T]`` (bool) marks real tokens: a padded position is never a key of a real
+        query. The tokens are put in a stable partition, each row's real ones first (the order of
+        :func:`~nemotron.model.cache.token_slots`), so under a causal mask no real query sees a pad;
+        the cache keeps only the real tokens."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)           # [B, NH, T, D]
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         if cache is None:
-            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1,
+            rel = None if valid is None else token_slots(valid)
+            q, k, v = (_place(a, rel) for a in (q, k, v))
+            # a query at place r sees places 0..r (with T = 1 the causal mask is no mask)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                scale=self.head_dim ** -0.5, enable_gqa=self.kv_heads != self.heads)
         else:
-            # the whole static buffer under a mask: a query at position p sees keys 0..p
-            kc, vc, idx = cache.append_kv(k, v)                                 # [B, L, KVH, D]
-            mask = torch.arange(kc.shape[1], device=x.device)[None, :] <= idx[:, None]      # [T, L]
-            o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).to(q.dtype), vc.transpose(1, 2).to(q.dtype),
-                                               attn_mask=mask, scale=self.head_dim ** -0.5,
-                                               enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            kc, vc, lengths, rel = cache.append_kv(k, v, valid)                # [B, KVH, L, D], lengths [B]
+            o = attend_cache(_place(q, rel).transpose(1, 2), kc, vc, lengths, scale=self.head_dim ** -0.5)
+        o = _unplace(o.transpose(1, 2), rel)                                  # [B, T, NH, D]
+        return self.o_proj(o.reshape(b, t, self.heads * self.head_dim))
+
+
+def _place(a: torch.Tensor, rel: torch.Tensor | None) -> torch.Tensor:
+    """``a [B, T, ...]`` reordered so that token j of row b sits at ``rel[b, j]``."""
+    if rel is None:
+        return a
+    order = rel.argsort(1)                                                # place -> token
+    return a.gather(1, order.view(*order.shape, *([1] * (a.dim() - 2))).expand_as(a))
+
+
+def _unplace(a: torch.Tensor, rel: torch.Tensor | None) -> torch.Tensor:
+    if rel is None:
+        return a
+    return a.gather(1, rel.view(*rel.shape, *([1] * (a.dim() - 2))).expand_as(a))
+
+
+def attend_cache(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor, *,
+                 scale: float) -> torch.Tensor:
+    """Attention of the T newest tokens of each row over its cached ones: q ``[B, NH, T, D]``, the
+    KV buffers ``[B, KVH, max_len, D]``, ``lengths [B]`` (the new tokens included); query t of row
+    b sits at position ``lengths[b] - T + t`` and sees keys ``0..`` that position. Returns
+    ``[B, NH, T, D]``."""
+    t, L = q.shape[2], kc.shape[2]
+    last = (lengths - t)[:, None, None] + torch.arange(t, device=q.device)[None, :, None]       # [B, T, 1]
+    mask = torch.arange(L, device=q.device)[None, None, :] <= last                             # [B, T, L]
+    return F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=kc.shape[1] != q.shape[1])
 
 
 class MoEMixer(LatentMoE):
@@ -172,7 +217,7 @@ class MoEMixer(LatentMoE):
                          renormalize=cfg.norm_topk_prob, scaling_factor=cfg.routed_scaling_factor, bias=cfg.mlp_bias,
                          dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None, valid=None) -> torch.Tensor:
         return super().forward(h)
 
 
@@ -180,7 +225,7 @@ class MLPMixer(ReLU2MLP):
     def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
         super().__init__(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None, valid=None) -> torch.Tensor:
         return super().forward(h)
 
 
@@ -194,8 +239,8 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=dtype, device=device)
         self.mixer = MIXERS[kind](cfg, layer, dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        return h + self.mixer(self.norm(h), cache)
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None, valid=None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), cache, valid)
 
 
 class MTPLayer(Block):

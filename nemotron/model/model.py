@@ -12,6 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import HybridCache, config_ssm_dtype
+
+
+def check_attention_mask(mask: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """An HF ``attention_mask [B, T]`` (bool or 0/1 ints) as a bool mask of the real tokens, or None
+    when there is no mask. Eager calls also check (host reads) that it is 0/1 and left-padded (each
+    row: pads, then real tokens; a row of pads only is allowed, as in a chunk of a long padding)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a tensor [B, T] or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask: expected shape {tuple(shape)} (that of input_ids), got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"attention_mask: expected a bool or integer tensor, got {mask.dtype}")
+    valid = mask.bool() if mask.dtype != torch.bool else mask
+    if not torch.compiler.is_compiling():
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask: expected 0 (pad) and 1 (real token) values only")
+        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise ValueError("attention_mask: expected left padding (each row: its pads, then its real tokens)")
+    return valid
 from .config import NemotronHConfig
 from .layers import Block, MTPLayer, RMSNorm
 
@@ -51,14 +72,16 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList([MTPLayer(cfg, f"mtp.{j}", kind, first=j == 0, last=j == len(kinds) - 1,
                                               dtype=dtype, device=device) for j, kind in enumerate(kinds)])
 
-    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache]) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache],
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """emb: embeddings of the next tokens ``[B, T, H]``; hidden: the hidden states at the current
-        positions ``[B, T, H]`` (the model's final-normed states, or the previous MTP step's).
-        Returns the new hidden states (final-normed), whose logits predict one token further."""
+        positions ``[B, T, H]`` (the model's final-normed states, or the previous MTP step's);
+        ``valid [B, T]`` marks the real positions. Returns the new hidden states (final-normed),
+        whose logits predict one token further."""
         first = self.layers[0]
         h = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(hidden)], dim=-1))
         for j, layer in enumerate(self.layers):
-            h = layer(h, cache.layers.get(f"mtp.{j}") if cache is not None else None)
+            h = layer(h, cache.layers.get(f"mtp.{j}") if cache is not None else None, valid)
         return self.layers[-1].final_layernorm(h)
 
 
@@ -118,58 +141,97 @@ class NemotronHForCausalLM(nn.Module):
         return HybridCache(self.config, batch, max_len, device=self.device, dtype=self.dtype,
                            mtp=self.mtp is not None, ssm_dtype=ssm_dtype, **kwargs)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None) -> torch.Tensor:
-        """Final-normed hidden states ``[B, T, H]``; advances the cache by T (unless verifying)."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None, *,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]``; advances the cache by each row's real tokens
+        (unless verifying). ``attention_mask [B, T]`` (1 real, 0 pad; HF's convention) is a
+        left-padded batch: each row's pads come first. With a cache it covers only the new tokens
+        (the cache holds only real ones). Eager calls check the ids, the mask and the cache's room
+        (host reads); ``generate`` checks once per call and steps through the unchecked path."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64) or 0 in input_ids.shape:
             raise ValueError(f"input_ids: expected an int tensor [B, T] with B, T >= 1, got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if not torch.compiler.is_compiling() and input_ids.numel():
-            # one device-to-host read in eager mode; an id past the table would be a device assert on CUDA
-            lo, hi = torch.aminmax(input_ids)
-            if int(lo) < 0 or int(hi) >= self.config.vocab_size:
-                raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got values in "
-                                 f"[{int(lo)}, {int(hi)}]")
-        if cache is not None:
-            if input_ids.shape[0] != cache.batch:
-                raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
-            cache.check_room(input_ids.shape[1])
+        valid = check_attention_mask(attention_mask, input_ids.shape)
+        if not torch.compiler.is_compiling():
+            self.check_ids(input_ids)
+            if cache is not None:
+                if input_ids.shape[0] != cache.batch:
+                    raise ValueError(f"input_ids: batch {input_ids.shape[0]} does not match the cache's {cache.batch}")
+                cache.check_room(input_ids.shape[1])
+        return self.step_hidden(input_ids, cache, valid)
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Token ids in ``[0, vocab)`` (one device-to-host read; an id past the table would be a
+        device assert on CUDA)."""
+        lo, hi = torch.aminmax(input_ids)
+        if int(lo) < 0 or int(hi) >= self.config.vocab_size:
+            raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got values in "
+                             f"[{int(lo)}, {int(hi)}]")
+
+    def step_hidden(self, input_ids: torch.Tensor, cache: Optional[HybridCache] = None,
+                    valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`hidden_states` without its checks and without host reads (``valid``: a bool
+        ``[B, T]`` or None): the decode path, for callers that validated their ids and sized the cache."""
         h = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
-            h = layer(h, cache.layers.get(i) if cache is not None else None)
+            h = layer(h, cache.layers.get(i) if cache is not None else None, valid)
         if cache is not None and not cache.recording:
-            cache.advance(input_ids.shape[1])
+            cache.advance(input_ids.shape[1] if valid is None else valid.sum(1))
         return self.backbone.norm_f(h)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: Optional[HybridCache] = None) -> torch.Tensor:
-        """Logits fp32 ``[B, T, vocab]`` for ``input_ids [B, T]``; with a cache, the tokens continue
-        the cached ones (prefill, chunked prefill or decode) and the cache advances."""
-        return self.lm_head(self.hidden_states(input_ids, cache)).float()
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[HybridCache] = None,
+                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits fp32 ``[B, T, vocab]`` for ``input_ids [B, T]`` (``logits_to_keep`` = n > 0: only
+        the last n positions, ``[B, n, vocab]``; a long prompt needs only the last); with a cache, the
+        tokens continue the cached ones (prefill, chunked prefill or decode) and the cache advances.
+        ``attention_mask``: see :meth:`hidden_states`."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep: expected an int >= 0 (0 = every position), got {logits_to_keep!r}")
+        h = self.hidden_states(input_ids, cache, attention_mask=attention_mask)
+        return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
 
-    def mtp_step(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache] = None):
-        """One MTP application: (hidden ``[B, T, H]``, logits fp32 ``[B, T, vocab]``)."""
+    def mtp_step(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache] = None,
+                 valid: Optional[torch.Tensor] = None):
+        """One MTP application: (hidden ``[B, T, H]``, logits fp32 ``[B, T, vocab]``); ``valid [B, T]``
+        marks the real positions (the cache advances each row by its count)."""
         if self.mtp is None:
             raise ValueError("mtp_step: this model has no MTP block (num_nextn_predict_layers = 0)")
         if cache is not None:
             cache.check_room(next_ids.shape[1], mtp=True)
-        h = self.mtp(self.backbone.embeddings(next_ids), hidden, cache)
-        if cache is not None:
-            cache.advance(next_ids.shape[1], mtp=True)
+        h = self.step_mtp(next_ids, hidden, cache, valid)
         return h, self.lm_head(h).float()
+
+    def step_mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: Optional[HybridCache] = None,
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`mtp_step`'s hidden states, without checks or host reads (the decode path)."""
+        h = self.mtp(self.backbone.embeddings(next_ids), hidden, cache, valid)
+        if cache is not None:
+            cache.advance(next_ids.shape[1] if valid is None else valid.sum(1), mtp=True)
+        return h
 
     # -- construction and checkpoints (nemotron/model/checkpoint.py) ----------------------------
     @classmethod
-    def random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0):
+    def random(cls, config: NemotronHConfig, *, device=None, dtype=None, recipe=None, seed: int = 0, ep_group=None,
+               ep_timeout: Optional[float] = 60.0):
         """Random weights built layer by layer in the target format (``recipe`` as in
-        :func:`nemotron.quantize_`), never holding the whole model in full precision."""
+        :func:`nemotron.quantize_`), never holding the whole model in full precision. With
+        ``ep_group`` (W ranks) this rank keeps E / W routed experts per MoE layer, with the values the
+        single-process model has (see :mod:`nemotron.model.distributed`)."""
         from .checkpoint import build_random
-        return build_random(cls, config, device=device, dtype=dtype, recipe=recipe, seed=seed)
+        return build_random(cls, config, device=device, dtype=dtype, recipe=recipe, seed=seed, ep_group=ep_group,
+                            ep_timeout=ep_timeout)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False):
+    def from_pretrained(cls, path: str, *, device=None, dtype=None, progress: bool = False, ep_group=None,
+                        ep_timeout: Optional[float] = 60.0):
         """Load an HF ``nemotron_h`` checkpoint directory (single file or sharded) or a ModelOpt
-        NVFP4 / FP8 / MIXED_PRECISION export of one."""
+        NVFP4 / FP8 / MIXED_PRECISION export of one. With ``ep_group`` (a ``torch.distributed``
+        group of W ranks dividing the expert count) this rank reads and holds the dense part and
+        only its E / W routed experts per MoE layer; every collective waits at most ``ep_timeout``
+        seconds (see :mod:`nemotron.model.distributed`)."""
         from .checkpoint import load_pretrained
-        return load_pretrained(cls, path, device=device, dtype=dtype, progress=progress)
+        return load_pretrained(cls, path, device=device, dtype=dtype, progress=progress, ep_group=ep_group,
+                               ep_timeout=ep_timeout)
 
     @classmethod
     def from_hf(cls, hf_model, *, device=None, dtype=None):
@@ -177,10 +239,13 @@ class NemotronHForCausalLM(nn.Module):
         from .checkpoint import from_hf
         return from_hf(cls, hf_model, device=device, dtype=dtype)
 
-    def save_pretrained(self, path: str, *, max_shard_bytes: Optional[int] = None) -> None:
-        """Write config.json (+ the ModelOpt quantization config when quantized) and safetensors."""
+    def save_pretrained(self, path: str, *, max_shard_bytes: Optional[int] = None,
+                        ep_timeout: Optional[float] = 600.0) -> None:
+        """Write config.json (+ the ModelOpt quantization config when quantized) and safetensors.
+        Under expert parallelism every rank calls it and rank 0 writes one sharded checkpoint of
+        the whole model (see :func:`nemotron.model.checkpoint.save_pretrained`)."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, ep_timeout=ep_timeout)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """See :func:`nemotron.model.generate.generate`."""

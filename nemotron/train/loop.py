@@ -483,10 +483,10 @@ def mtp_acceptance(model: NemotronHForCausalLM, tokens: torch.Tensor, k: int, *,
     drafted = accepted = rounds = 0
     emitted = 0.0
     for s in torch.linspace(0, toks.numel() - prompt_len - 1, prompts).long().tolist():
-        model.generate(toks[s:s + prompt_len][None].to(model.device), max_new_tokens=new_tokens, mtp_draft_tokens=k)
-        st = model.last_generate_stats
-        drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
-        emitted += st["tokens_per_round"] * st["rounds"]
+        out, st = model.generate(toks[s:s + prompt_len][None].to(model.device), max_new_tokens=new_tokens,
+                                 mtp_draft_tokens=k, output_stats=True)
+        drafted, accepted, rounds = drafted + st.drafted, accepted + st.accepted, rounds + st.rounds
+        emitted += out.shape[1] - prompt_len - 1          # the prefill's token is no round's
     return {"drafted": drafted, "accepted": accepted, "rounds": rounds,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_round": emitted / rounds if rounds else 0.0}

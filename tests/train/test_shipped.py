@@ -83,10 +83,9 @@ def test_mtp_greedy_equals_plain_greedy(models, k):
     tok = d.load_tokenizer(demo_checkpoint("nvfp4"))
     ids = torch.tensor([tok.encode("import os\n\n\ndef walk(top):\n").ids])
     plain = model.generate(ids, max_new_tokens=40)
-    spec = model.generate(ids, max_new_tokens=40, mtp_draft_tokens=k)
+    spec, st = model.generate(ids, max_new_tokens=40, mtp_draft_tokens=k, output_stats=True)
     assert torch.equal(spec, plain)
-    st = model.last_generate_stats
-    assert st["drafted"] > 0 and 0 <= st["accepted"] <= st["drafted"]
+    assert st.drafted > 0 and 0 < st.accepted <= st.drafted          # a trained drafter is right sometimes
 
 
 def test_generate_cli_prints_text(capsys):
