@@ -355,8 +355,7 @@ class LatentMoE(nn.Module):
         ep_group: a ``torch.distributed`` process group for expert parallelism; this rank then holds
             experts ``[rank * E / W, (rank + 1) * E / W)``. Token rows go to the ranks owning their
             experts in the latent width, results return as fp32 slots; ``self.comm_bytes`` holds the
-            bytes this rank sent in the last forward. The split sizes are exchanged first, which
-            costs one device-to-host copy per forward.
+            bytes this rank sent in the last forward. How the rows travel: ``ep_dispatch``.
         ep_timeout: seconds each exchange may wait for its peers (default 60; None: the process
             group's own timeout, 30 minutes on gloo and 10 on NCCL by default). A rank that fails
             mid-step leaves its peers waiting in ``all_to_all``; past the timeout they raise a
