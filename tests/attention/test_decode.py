@@ -98,6 +98,16 @@ def test_kernel_bf16_q_beyond_fp16_range_against_fp8_cache(magnitude):
     assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what=f"|q| ~ {magnitude:g}")
 
 
+def test_kernel_many_query_blocks():
+    """T x Hq/Hkv = 144 query rows: three blocks of 64, each stopping at its own last query's position
+    (prefill of 9 tokens over a cache; a row shorter than T included)."""
+    q, kc, vc, lens, _ = make_case(13, b=3, t=9, hq=16, hkv=1, d=16, max_len=40, lengths=[9, 40, 5],
+                                   dtype=torch.float16, kv_dtype=torch.float16)
+    want = ref.decode_attention_reference(q, kc, vc, lens)
+    got = kernels.decode_attention(q, kc, vc, lens, scale=16 ** -0.5, splits=2, block_n=16)
+    assert_close(got, want, atol=TOL[q.dtype] * max_abs(want), what="3 query blocks")
+
+
 def test_torch_path_query_chunks(monkeypatch):
     """T > 1 on the torch path runs in query chunks bounded by the mask size: chunks of 1-2 tokens here."""
     from nemotron.attention import ops
@@ -139,3 +149,4 @@ def test_num_splits_is_fixed_by_max_len_batch_heads_and_sms():
     assert kernels.num_splits(512 * 1024, 64, 2, 132) == 3
     assert kernels.num_splits(100, 1, 2, 132) == 2                     # at most one tile per split
     assert kernels.num_splits(1 << 30, 1, 1, 1000) == kernels.MAX_SPLITS
+    assert kernels.num_splits(512 * 1024, 1, 2, 132, m_blocks=4096) == 1            # prefill: query blocks fill it

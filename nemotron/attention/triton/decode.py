@@ -1,7 +1,7 @@
 """Triton split-KV flash decoding over the live KV prefix (FlashDecoding: partial softmax per split,
 then a log-sum-exp reduction).
 
-Kernel 1, grid ``(B, Hkv * M blocks, S)``: a program owns one kv head, all of its Hq / Hkv query heads
+Kernel 1, grid ``(Hkv * M blocks, B, S)``: a program owns one kv head, all of its Hq / Hkv query heads
 for the T new tokens (the rows of one ``[BM, D]`` tile), and split ``i_s`` of the row's live length:
 the length is read from the device tensor and cut into S ranges of whole ``BN`` tiles, so every
 split works at any length while the grid depends only on max_len (CUDA-graph safe). Tiles past the
@@ -9,9 +9,11 @@ length are never loaded; splits past it write ``lse = -inf``. FP8 K and V are wi
 (E4M3 is exact in bf16 / fp16), their per-tensor scales folded into the softmax scale and the
 partial output. Partial outputs (normalized) and log2-sum-exps are written in fp32.
 
-Kernel 2, grid ``(B, T, Hq)``: combines the splits that held keys into the output, in q's dtype.
+Kernel 2, grid ``(T * Hq, B)``: combines the splits that held keys into the output, in q's dtype.
 
-The split count S is a fixed function of (max_len, B, Hkv, SM count): :func:`num_splits`.
+The split count S is a fixed function of (max_len, B, Hkv, query blocks, SM count): :func:`num_splits`.
+A program's causal end (its block's last query) trims its range, so T > 1 (prefill over the cache)
+reads no key only masked queries would see.
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ NUM_STAGES = 3
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
-def num_splits(max_len: int, batch: int, kv_heads: int, sms: int = DEFAULT_SMS, *, block_n: int = BLOCK_N) -> int:
-    """Splits per (row, kv head): enough programs for ``CTAS_PER_SM`` per SM, at most one tile each
-    at max_len, at most ``MAX_SPLITS``. Super at batch 1 (Hkv = 2, 132 SMs): 132 splits."""
-    want = triton.cdiv(CTAS_PER_SM * sms, max(1, batch * kv_heads))
+def num_splits(max_len: int, batch: int, kv_heads: int, sms: int = DEFAULT_SMS, *, block_n: int = BLOCK_N,
+               m_blocks: int = 1) -> int:
+    """Splits per (row, kv head, block of query rows): enough programs for ``CTAS_PER_SM`` per SM, at
+    least one tile each at max_len, at most ``MAX_SPLITS``. Super at batch 1, T <= 4 (Hkv = 2, 132
+    SMs): 132 splits; many new tokens (prefill) fill the machine with query blocks and take one."""
+    want = triton.cdiv(CTAS_PER_SM * sms, max(1, batch * kv_heads * m_blocks))
     return max(1, min(want, MAX_SPLITS, triton.cdiv(max(max_len, 1), block_n)))
 
 
@@ -62,11 +66,12 @@ def _decode_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, m
                                  HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                                  IEEE: tl.constexpr, Q_TO_FP16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                  BD: tl.constexpr):
-    i_b, i_hm, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_hm, i_b, i_s = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     S = tl.num_programs(2)
     i_h, i_m = i_hm // M_BLOCKS, i_hm % M_BLOCKS
     n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b).to(tl.int32), 0), L)     # clamped: never past the buffer
     start, end = _split_range(n, i_s, S, BN)
+    end = tl.minimum(end, n - T + tl.minimum((i_m * BM + BM - 1) // G, T - 1) + 1)    # the block's last query
 
     o_r = i_m * BM + tl.arange(0, BM)                  # query rows: token t, head hq = i_h * G + g
     o_t, o_g = o_r // G, o_r % G
@@ -132,10 +137,11 @@ def _decode_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, ks_ptr, vs_ptr, m
 
 
 @triton.jit(do_not_specialize=["L"])
-def _decode_attention_reduce_fwd_kernel(mo_ptr, ml_ptr, len_ptr, o_ptr, L, D, S,
+def _decode_attention_reduce_fwd_kernel(mo_ptr, ml_ptr, len_ptr, o_ptr, L, HQ, D, S,
                                         smo_b, smo_t, smo_h, smo_s, sml_b, sml_t, sml_h, so_b, so_t, so_h,
                                         BN: tl.constexpr, BD: tl.constexpr):
-    i_b, i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_th, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i_h = i_th // HQ, i_th % HQ
     n = tl.minimum(tl.maximum(tl.load(len_ptr + i_b).to(tl.int32), 0), L)
     chunk = tl.cdiv(tl.cdiv(n, S), BN) * BN
     n_active = tl.cdiv(n, tl.maximum(chunk, 1))
@@ -184,15 +190,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, k_scale=None, v_sca
     if out.numel() == 0:
         return out
     g = hq // hkv
-    s = splits or num_splits(max_len, b, hkv, device_sms(q.device), block_n=block_n)
     bm = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(t * g)))
     m_blocks = triton.cdiv(t * g, bm)
+    s = splits or num_splits(max_len, b, hkv, device_sms(q.device), block_n=block_n, m_blocks=m_blocks)
     bd = max(16, triton.next_power_of_2(d))
     mo = torch.empty(b, t, hq, s, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(b, t, hq, s, dtype=torch.float32, device=q.device)
     dot = _dot_dtype(q, k_cache)
     dummy = ml
-    _decode_attention_fwd_kernel[(b, hkv * m_blocks, s)](
+    _decode_attention_fwd_kernel[(hkv * m_blocks, b, s)](     # the unbounded grid dim takes the query blocks
         q, k_cache, v_cache, lengths, k_scale if k_scale is not None else dummy,
         v_scale if v_scale is not None else dummy, mo, ml,
         t, max_len, hq, d, g, m_blocks, float(scale) * LOG2E,
@@ -201,8 +207,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, k_scale=None, v_sca
         mo.stride(0), mo.stride(1), mo.stride(2), mo.stride(3), ml.stride(0), ml.stride(1), ml.stride(2),
         HAS_KS=k_scale is not None, HAS_VS=v_scale is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32,
         Q_TO_FP16=dot == tl.float16 and q.dtype == torch.bfloat16, BM=bm, BN=block_n, BD=bd, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _decode_attention_reduce_fwd_kernel[(b, t, hq)](
-        mo, ml, lengths, out, max_len, d, s,
+    _decode_attention_reduce_fwd_kernel[(t * hq, b)](
+        mo, ml, lengths, out, max_len, hq, d, s,
         mo.stride(0), mo.stride(1), mo.stride(2), mo.stride(3), ml.stride(0), ml.stride(1), ml.stride(2),
         out.stride(0), out.stride(1), out.stride(2), BN=block_n, BD=bd, num_warps=1)
     return out
