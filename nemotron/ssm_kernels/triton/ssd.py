@@ -12,12 +12,13 @@ The Mamba-2 chunked algorithm (reference.ssd_chunked), one kernel per stage:
 4. ``_ssd_chunk_scan_fwd_kernel`` (chunks x row blocks x heads x P blocks): y from the chunk's
    C B^T masked by the decay, plus C times the state before the chunk, then D and the z gate.
 
-Every kernel's CTA count grows with T, so batch 1 fills the GPU (at the Super shape and 64K tokens
-the chunk scan launches 131,072 CTAs), and each CTA holds one chunk's tiles, so no configuration
-(chunk 16..256, fp32 / fp16 / bf16) keeps a chunk x chunk or chunk x N tile larger than a 64-row
-block on chip (``python -m bench.static --cases ssd_scan``). Memory beyond x and y: the fp32 dt and
-cs (2 x 4 B per token and head, rounded up to whole chunks) and the fp32 chunk states (4 P N B per
-chunk and head).
+The CTA counts of stages 1, 2 and 4 grow with T, so batch 1 fills the GPU (at the Super shape and
+64K tokens the chunk scan launches 131,072 CTAs, about 500 waves); stage 3 has one thread per 4 state
+elements, all resident at once (a second wave would wait for the first one's whole walk). A CTA holds
+at most 64 rows of one chunk (C B^T in 64 x 64 blocks up to the diagonal, never Q x Q), so every
+chunk size (16..256) and dtype fits a block's shared memory without spills
+(``python -m bench.static --cases ssd_scan``). Memory beyond x and y: the fp32 dt and cs (2 x 4 B
+per token and head, rounded up to whole chunks) and the fp32 chunk states (4 P N B per chunk and head).
 
 Varlen (cu_seqlens, batch 1): chunks start at each sequence's first token, numbered over all
 sequences in a table built on the device (no host sync), so no chunk mixes two sequences.
