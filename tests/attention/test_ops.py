@@ -9,7 +9,7 @@ from nemotron.attention import decode_attention
 from nemotron.attention import ops
 from nemotron.attention import reference as ref
 
-from ..close import assert_close, max_abs
+from ..close import assert_close, assert_equal, max_abs
 
 FP8 = torch.float8_e4m3fn
 
@@ -123,3 +123,10 @@ def test_bad_arguments_raise_naming_the_argument(i):
     args = {**dict(q=q, k_cache=kc, v_cache=vc, lengths=lens), **bad}
     with pytest.raises(exc, match=match):
         decode_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("lengths"), **args)
+
+
+@pytest.mark.parametrize("scale", [None, torch.tensor([0.37])])
+def test_torch_path_fp8_table_equals_the_reference_dequantization(scale):
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(2, 8, 16)        # every E4M3 code, NaN included
+    assert_equal(ops._live_kv(codes, scale, torch.float32), ref.dequantize_kv(codes, scale, torch.float32),
+                 equal_nan=True, what="fp8 table")
