@@ -4,9 +4,12 @@ launched with torchrun; there is no process manager of our own.
 With an ``ep_group`` of W ranks every rank holds the dense part (embeddings, Mamba, attention, the
 shared experts, routers, latent projections, norms, head) and ``E / W`` consecutive routed experts of
 each MoE layer, the MTP block's included: rank r holds experts ``[r * E / W, (r + 1) * E / W)``.
-Every rank runs the same sequences (generation with a replicated prompt); each MoE layer sends the
-latent rows of its tokens to the ranks owning their experts and takes fp32 slot results back
-(:class:`nemotron.moe_kernels.LatentMoE`), so every rank computes exactly the single-process logits
+Every rank runs the same sequences (generation with a replicated prompt) through the dense layers;
+in each MoE layer rank r routes its share of the tokens (``[r * S, (r + 1) * S)``, ``S = ceil(T / W)``):
+it sends their latent rows to the ranks owning their experts, takes fp32 slot results back, combines
+them, and an all_gather of the combined latent rows gives every rank all T
+(:class:`nemotron.moe_kernels.LatentMoE`, ``ep_tokens="replicated"``). Each expert multiplies
+exactly its single-process rows, in one call, so every rank computes exactly the single-process logits
 and takes the same decisions (greedy tokens, MTP acceptance, stops) without further communication.
 Sampling draws the same numbers on every rank when every rank passes the same seeded generator (or
 seeds the global one alike).
@@ -69,6 +72,7 @@ def shard_experts_(model: nn.Module, ep_group, timeout_s: Optional[float] = DEFA
             mod.shard_experts_(ep_group)
             mod.ep_timeout = timeout_s
             mod.ep_dispatch = "auto"         # every rank runs the same tokens: padded decode exchanges on CUDA
+            mod.ep_tokens = "replicated"     # ... so each rank routes its share of them, once
     return model
 
 
@@ -228,8 +232,9 @@ def memory_line(model: nn.Module) -> str:
 def comm_bytes(model: nn.Module) -> dict:
     """The bytes this rank sent in its MoE layers' exchanges during the last forward, summed over the
     layers: ``dispatch`` (latent rows), ``combine`` (fp32 slot results), ``metadata`` (split sizes,
-    expert ids, routing weights)."""
-    out = {"dispatch": 0, "combine": 0, "metadata": 0}
+    expert ids, routing weights), ``gather`` (this rank's share of the combined latent rows, sent to
+    every other rank)."""
+    out = {"dispatch": 0, "combine": 0, "metadata": 0, "gather": 0}
     for m in model.modules():
         if isinstance(m, LatentMoE) and m.ep_group is not None:
             for k in out:

@@ -32,6 +32,7 @@ from . import fast, ops
 
 
 EP_DISPATCH = ("auto", "exact", "padded")
+EP_TOKENS = ("local", "replicated")
 # "auto" pads the exchange (no host sync) up to this many buffer rows per rank: W * T * min(k, E / W).
 # Super (k = 22) on 8 GPUs: up to 46 tokens per forward, 8192 latent rows of 2 KiB (bf16) = 16 MiB.
 PADDED_MAX_ROWS = 8192
@@ -369,6 +370,11 @@ class LatentMoE(nn.Module):
             rows per peer, no host read (CUDA graphs), every rank must pass the same T. "auto":
             padded on CUDA for small T (decode), exact otherwise (:meth:`padded_dispatch`); the
             model's expert parallelism uses it, every rank running the same sequences.
+        ep_tokens: "local" (default): each rank's tokens are its own (data parallel), all of them
+            routed. "replicated": every rank passes the same tokens (the model under expert
+            parallelism); rank r routes only tokens ``[r * S, (r + 1) * S)``, ``S = ceil(T / W)``,
+            and an all_gather of the combined latent rows (``comm_bytes["gather"]``) gives every
+            rank all T, so each slot is computed once across the ranks rather than once per rank.
 
     Parameters (HF names): ``gate.weight [E, H]``, ``gate.e_score_correction_bias [E]``,
     ``fc1_latent_proj.weight [l, H]``, ``fc2_latent_proj.weight [H, l]``, ``experts.{e}.up_proj.weight
@@ -385,12 +391,15 @@ class LatentMoE(nn.Module):
     def __init__(self, hidden_size: int, *, num_experts: int, top_k: int, intermediate_size: int,
                  shared_intermediate_size: int, latent_size: Optional[int] = None, n_group: int = 1,
                  topk_group: int = 1, renormalize: bool = True, scaling_factor: float = 1.0, bias: bool = False,
-                 ep_group=None, ep_timeout: Optional[float] = 60.0, ep_dispatch: str = "exact", dtype=None,
+                 ep_group=None, ep_timeout: Optional[float] = 60.0, ep_dispatch: str = "exact", ep_tokens: str = "local", dtype=None,
                  device=None):
         super().__init__()
         if ep_dispatch not in EP_DISPATCH:
             raise ValueError(f"ep_dispatch: expected one of {EP_DISPATCH}, got {ep_dispatch!r}")
         self.ep_dispatch = ep_dispatch
+        if ep_tokens not in EP_TOKENS:
+            raise ValueError(f"ep_tokens: expected one of {EP_TOKENS}, got {ep_tokens!r}")
+        self.ep_tokens = ep_tokens
         if ep_timeout is not None and (isinstance(ep_timeout, bool) or not isinstance(ep_timeout, (int, float))
                                        or not 0 < ep_timeout < float("inf")):
             raise ValueError(f"ep_timeout: expected a positive finite number of seconds or None, got {ep_timeout!r}")
@@ -414,7 +423,7 @@ class LatentMoE(nn.Module):
         local = num_experts // world
         self.experts = MoEExperts(local, width, intermediate_size, first=rank * local, num_global=num_experts, **kw)
         self.shared_experts = ReLU2MLP(hidden_size, shared_intermediate_size, bias=bias, **kw)
-        self.comm_bytes = {"dispatch": 0, "combine": 0, "metadata": 0}
+        self.comm_bytes = {"dispatch": 0, "combine": 0, "metadata": 0, "gather": 0}
 
     @classmethod
     def from_config(cls, config, **kwargs) -> "LatentMoE":
@@ -471,7 +480,8 @@ class LatentMoE(nn.Module):
         world = self.ep_group.size()
         return device.type == "cuda" and world * tokens * min(self.top_k, self.experts.num_experts) <= PADDED_MAX_ROWS
 
-    def _expert_parallel_padded(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _expert_parallel_padded(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int,
+                                one_call: bool) -> torch.Tensor:
         """The exchange with fixed-capacity buffers: each rank sends every peer ``C = T * min(k, E/W)``
         rows (the most one rank's experts can take of T tokens), its real rows first, then padding
         rows (expert id -1, weight 0), each row packed with its id and weight; equal split sizes, so nothing is read on the host and the step
@@ -481,7 +491,7 @@ class LatentMoE(nn.Module):
         group, k = self.ep_group, self.top_k
         world, local, me = group.size(), self.experts.num_experts, group.rank()
         dev, n = xl.device, ids.numel()
-        cap = xl.shape[0] * min(k, local)
+        cap = tokens * min(k, local)
         flat_ids = ids.reshape(-1).long()
         order = torch.argsort(flat_ids // local, stable=True)                            # slots by rank
         dest = flat_ids[order] // local
@@ -501,18 +511,41 @@ class LatentMoE(nn.Module):
         rows = _pack(xl[order // k], (flat_ids[order] % local).to(torch.int32), weights.reshape(-1)[order].float())
         send = pad.expand(world * cap, -1).clone().index_copy_(0, where, rows)
         x_recv, id_recv, w_recv = _unpack(exchange(send), xl.dtype)
-        slots_recv = self._padded_slots(x_recv, w_recv, id_recv, world, cap)             # [W * C, l] fp32
+        slots_recv = self._padded_slots(x_recv, w_recv, id_recv, world, cap, one_call)   # [W * C, l] fp32
         slots_back = exchange(slots_recv, "result slots")
         slots = torch.empty(n, slots_back.shape[1], dtype=slots_back.dtype, device=dev)
         slots[order] = slots_back[where]
         rows = (world - 1) * cap
         self.comm_bytes = {"dispatch": rows * xl.shape[1] * xl.element_size(),
-                           "combine": rows * slots.shape[1] * slots.element_size(), "metadata": rows * (4 + 4)}
+                           "combine": rows * slots.shape[1] * slots.element_size(), "metadata": rows * (4 + 4),
+                           "gather": 0}
         return ops.combine(slots, k, xl.dtype)
 
     def _expert_parallel(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.padded_dispatch(xl.shape[0], xl.device):
-            return self._expert_parallel_padded(xl, weights, ids)
+        if self.ep_tokens == "local":
+            return self._exchange(xl, weights, ids, xl.shape[0], one_call=False)
+        # replicated: rank r routes tokens [r * S, (r + 1) * S) only (S = ceil(T / W)), then every rank
+        # gathers every share of the combined latent rows: each slot is computed once, not W times
+        import torch.distributed as dist
+        group = self.ep_group
+        world, me, t = group.size(), group.rank(), xl.shape[0]
+        share = -(-t // world)
+        lo, hi = min(me * share, t), min((me + 1) * share, t)
+        part = self._exchange(xl[lo:hi], weights[lo:hi], ids[lo:hi], share, one_call=True)     # [hi - lo, l]
+        buf = torch.cat([part, part.new_zeros(share - (hi - lo), part.shape[1])]) if hi - lo < share else part
+        every = [torch.empty_like(buf) for _ in range(world)]
+        self._collective("all_gather", "combined rows", [r for r in range(world) if r != me], not buf.is_cuda,
+                         lambda: dist.all_gather(every, buf.contiguous(), group=group, async_op=True))
+        self.comm_bytes["gather"] = (world - 1) * share * buf.shape[1] * buf.element_size()
+        return torch.cat(every)[:t]
+
+    def _exchange(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int,
+                  one_call: bool) -> torch.Tensor:
+        """Dispatch, experts and combine of this rank's tokens ``xl [T, l]`` (T <= ``tokens``, the
+        count every rank pads to); ``one_call``: the received rows of all source ranks go through
+        the experts in one call (replicated tokens: together they are the single-process rows)."""
+        if self.padded_dispatch(tokens, xl.device):
+            return self._expert_parallel_padded(xl, weights, ids, tokens, one_call)
         group, k = self.ep_group, self.top_k
         world, local = group.size(), self.experts.num_experts
         flat_ids = ids.reshape(-1).long()
@@ -533,7 +566,7 @@ class LatentMoE(nn.Module):
         rows_in = sum(recv_n)
         packed = _pack(xl[order // k], (flat_ids[order] % local).to(torch.int32), weights.reshape(-1)[order].float())
         x_recv, ids_recv, w_recv = _unpack(exchange(packed, rows_in, send_n, recv_n), xl.dtype)   # [R, l], [R], [R]
-        slots_recv = self._local_slots(x_recv, w_recv, ids_recv, recv_n)                # [R, l] fp32
+        slots_recv = self._local_slots(x_recv, w_recv, ids_recv, [rows_in] if one_call else recv_n)   # [R, l] fp32
         slots_back = exchange(slots_recv, order.numel(), recv_n, send_n, "result slots")
         slots = torch.empty_like(slots_back)
         slots[order] = slots_back
@@ -541,10 +574,11 @@ class LatentMoE(nn.Module):
         back_rows = rows_in - recv_n[me]
         self.comm_bytes = {"dispatch": out_rows * xl.shape[1] * xl.element_size(),
                            "combine": back_rows * slots.shape[1] * slots.element_size(),
-                           "metadata": world * 8 + out_rows * (4 + 4)}
+                           "metadata": world * 8 + out_rows * (4 + 4), "gather": 0}
         return ops.combine(slots, k, xl.dtype)
 
-    def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, world: int, cap: int) -> torch.Tensor:
+    def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, world: int, cap: int,
+                      one_call: bool) -> torch.Tensor:
         """The slots of W fixed-capacity blocks whose padding rows carry expert id -1: the Triton
         kernel takes them all in one call (as expert 0 with weight 0; their slots are never read), so
         nothing is read on the host; the plain-torch paths read the real row counts (the ids >= 0 of
@@ -553,6 +587,11 @@ class LatentMoE(nn.Module):
             return self._local_slots(x, w, ids, [x.shape[0]])
         real = (ids.view(world, cap) >= 0).sum(1).tolist()
         out = x.new_zeros(x.shape[0], x.shape[1], dtype=fast.compute_dtype(x))
+        if one_call:
+            rows = torch.cat([torch.arange(s * cap, s * cap + n, device=x.device) for s, n in enumerate(real)])
+            if rows.numel():
+                out[rows] = self.experts.slots(x[rows], w[rows, None], ids[rows, None])
+            return out
         for s, n in enumerate(real):
             if n:
                 rows = slice(s * cap, s * cap + n)
@@ -575,11 +614,14 @@ class LatentMoE(nn.Module):
         """One ``all_to_all_single``, waited on for at most ``ep_timeout`` seconds; a failure (a peer
         that crashed, or one that never joined the exchange) raises naming this rank and its peers.
         Without ``host_wait`` the wait only orders the current stream after the exchange."""
-        import datetime
-
         import torch.distributed as dist
+        self._collective("all_to_all", what, peers, host_wait, lambda: dist.all_to_all_single(
+            out, inp, out_splits, in_splits, group=self.ep_group, async_op=True))
+
+    def _collective(self, kind: str, what: str, peers, host_wait: bool, start) -> None:
+        import datetime
         try:
-            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ep_group, async_op=True)
+            work = start()
             if self.ep_timeout is None or not host_wait:
                 work.wait()
             else:
@@ -587,6 +629,6 @@ class LatentMoE(nn.Module):
         except RuntimeError as err:
             waited = f"{self.ep_timeout} s (ep_timeout)" if self.ep_timeout is not None else "the process group's timeout"
             raise RuntimeError(
-                f"LatentMoE expert parallelism: rank {self.ep_group.rank()} of {self.ep_group.size()}: the all_to_all "
+                f"LatentMoE expert parallelism: rank {self.ep_group.rank()} of {self.ep_group.size()}: the {kind} "
                 f"of the {what} with peer rank(s) {peers} failed within {waited}; one of those ranks crashed or "
                 f"did not reach this MoE layer's forward. Cause: {err}") from err

@@ -197,6 +197,7 @@ def test_expert_parallel_model_equals_single_process(world, tmp_path):
         weight_map = json.load(f)["weight_map"]
     assert len(set(weight_map.values())) == world          # rank 0's tensors, then one shard per other rank
     expert_key = distributed._EXPERT_KEY
+    assert all(sum(r["decode_comm"][i]["dispatch"] for r in results) > 0 for i in range(4))
     for rank, res in enumerate(results):
         # MoE layers 1, 3, 6 of "ME*EM-E" and the MTP block's: each holds its rank's E / W experts
         assert sorted(res["held"]) == sorted([f"backbone.layers.{i}.mixer.experts" for i in (1, 3, 6)]
@@ -205,9 +206,11 @@ def test_expert_parallel_model_equals_single_process(world, tmp_path):
         full, mine = res["bytes_full"], res["bytes_ep"]
         assert mine["dense"] == full["dense"] and full["experts"] % world == 0
         assert mine["experts"] == full["experts"] // world, (mine, full)
-        # every step moved latent rows out (l = 32 floats each) and fp32 slots back
+        # each decode step (2 tokens) moves whole latent rows (l = 32 floats), and each of the 3 MoE
+        # layers gathers this rank's share, ceil(2 / W) combined latent rows, to the W - 1 others
         for step in res["decode_comm"]:
-            assert step["dispatch"] > 0 and step["dispatch"] % (cfg.moe_latent_size * 4) == 0, step
+            assert step["dispatch"] % (cfg.moe_latent_size * 4) == 0, step
+            assert step["gather"] == 3 * (world - 1) * -(-2 // world) * cfg.moe_latent_size * 4, step
         # the partial read: every dense tensor and exactly this rank's experts, nothing else
         names = [n for n, _ in res["opened"]]
         assert len(names) == len(set(names))

@@ -79,6 +79,18 @@ def _worker(rank, world, port, out_dir):
             # (routed + shared) keeps the rounding of its summands: atol at fp32 level of the output scale
             assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
                          what=f"rank {rank} padded triton latent={latent}")
+        # replicated tokens (the model's mode): every rank the same T tokens, each routes its share
+        # ceil(T / W) and gathers the others'; T below W leaves ranks without a share
+        for t, mode in ((7, "exact"), (1, "exact"), (5, "padded"), (1, "padded")):
+            ep, full = _layer(L, group)
+            ep.ep_tokens, ep.ep_dispatch = "replicated", mode
+            x = torch.randn(t, H, generator=torch.Generator().manual_seed(300 + t))     # the same on every rank
+            with torch.no_grad():
+                got, want = ep(x), full(x)
+            assert_equal(got, want, what=f"rank {rank} replicated T={t} {mode}")
+            share = -(-t // world)
+            assert ep.comm_bytes["gather"] == (world - 1) * share * L * 4, ep.comm_bytes
+            result.setdefault("replicated", []).append((t, mode))
         # the Triton grouped GEMM (interpreted here) too: rows batched differently, same slot values
         ep, full = _layer(L, group)
         x = _tokens(rank)
@@ -118,7 +130,7 @@ def test_expert_parallel_equals_single_process(world, tmp_path):
     results = _run(world, tmp_path)
     for rank, res in enumerate(results):
         latent, full = res[(False, L)], res[(False, None)]
-        assert res["padded"] == [L, None]
+        assert res["padded"] == [L, None] and len(res["replicated"]) == 4
         # the same routing (the router sees the full width either way) sends the same rows:
         # latent dispatch moves exactly l/H of the full-width bytes
         assert full["dispatch"] * L == latent["dispatch"] * H
