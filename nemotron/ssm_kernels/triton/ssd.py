@@ -6,11 +6,14 @@ The Mamba-2 chunked algorithm (reference.ssd_chunked), one kernel per stage:
    cumsum cs of the floored log2 decay dt * A within each chunk, fp32 ``[rows, H, K, Q]``.
 2. ``_ssd_chunk_state_fwd_kernel`` (chunks x heads x P/N blocks): the state each chunk leaves
    from a zero start, x^T (dt exp2(min(cs_last - cs, 0)) B), fp32 ``[rows, K, H, P, N]``.
-3. ``_ssd_state_passing_fwd_kernel`` (state blocks x heads x sequences): the only sequential pass,
+3. ``_ssd_state_passing_fwd_kernel`` (sequences x state blocks x heads): the only sequential pass,
    over a sequence's K chunks (one fp32 multiply-add per state element and chunk); it turns the
    chunk states into the state before each chunk, in place, and writes the final states.
 4. ``_ssd_chunk_scan_fwd_kernel`` (chunks x row blocks x heads x P blocks): y from the chunk's
    C B^T masked by the decay, plus C times the state before the chunk, then D and the z gate.
+
+Batch rows and chunks share grid axis 0 (2^31 - 1 programs); axes 1 and 2 (at most 65,535) hold only
+heads and blocks.
 
 The CTA counts of stages 1, 2 and 4 grow with T, so batch 1 fills the GPU (at the Super shape and
 64K tokens the chunk scan launches 131,072 CTAs, about 500 waves); stage 3 has one thread per 4 state
@@ -105,18 +108,18 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     ieee = dot_dtype == tl.float32
 
     if rows * k:
-        _ssd_cumsum_fwd_kernel[(k, triton.cdiv(h, bh), rows)](
+        _ssd_cumsum_fwd_kernel[(rows * k, triton.cdiv(h, bh))](
             dt, A, dt_bias if dt_bias is not None else dummy, tab_, dt_c, cs,
             t, h, k, dt.stride(0), dt.stride(1), float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
             HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus,
             CLAMP_DT=dt_limit[0] > 0 or dt_limit[1] < math.inf, IS_VARLEN=varlen, Q=q, BH=bh, num_warps=4)
-        _ssd_chunk_state_fwd_kernel[(k, h * triton.cdiv(p, bp) * triton.cdiv(n, sbn), rows)](
+        _ssd_chunk_state_fwd_kernel[(rows * k, h * triton.cdiv(p, bp) * triton.cdiv(n, sbn))](
             x, B, dt_c, cs, tab_, states,
             t, h, p, n, k, h // g, x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
             IS_VARLEN=varlen, DOT_DTYPE=dot_dtype, IEEE=ieee, Q=q, BK=cfg["BK"], BP=bp, BN=sbn,
             num_warps=cfg["state_warps"], num_stages=cfg["state_stages"])
     if n_seq:
-        _ssd_state_passing_fwd_kernel[(triton.cdiv(p * n, BS), h, n_seq)](
+        _ssd_state_passing_fwd_kernel[(n_seq, triton.cdiv(p * n, BS), h)](
             states, cs, initial_states if initial_states is not None else dummy,
             final if final is not None else dummy, off if varlen else dummy,
             h, p * n, k,
@@ -124,7 +127,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_sof
             num_warps=2)
     if rows * k:
         zz = z if z is not None else x
-        _ssd_chunk_scan_fwd_kernel[(k * (q // bm), h * triton.cdiv(p, bp), rows)](
+        _ssd_chunk_scan_fwd_kernel[(rows * k * (q // bm), h * triton.cdiv(p, bp))](
             x, B, C, D if D is not None else dummy, zz, dt_c, cs, states, tab_, y,
             t, h, p, n, k, h // g,
             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),

@@ -30,8 +30,9 @@ def _ssd_chunk_scan_fwd_kernel(x_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dt_ptr, cs_ptr
                                IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
                                Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                                ONE_N: tl.constexpr):
-    i_cm, i_hp, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c, i_m = i_cm // (Q // BM), i_cm % (Q // BM)
+    i_bcm, i_hp = tl.program_id(0), tl.program_id(1)                     # batch rows, chunks, row blocks
+    i_bc, i_m = i_bcm // (Q // BM), i_bcm % (Q // BM)
+    i_b, i_c = i_bc // K, i_bc % K
     n_p = tl.cdiv(P, BP)
     i_h, i_p = i_hp // n_p, i_hp % n_p
     i_r, bos, eos = _chunk(tab_ptr, i_c, i_b, T, Q, IS_VARLEN)

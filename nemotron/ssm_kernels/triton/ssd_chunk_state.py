@@ -59,7 +59,8 @@ def _ssd_cumsum_fwd_kernel(dt_ptr, a_ptr, dtb_ptr, tab_ptr, dto_ptr, cs_ptr,
                            HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_DT: tl.constexpr,
                            IS_VARLEN: tl.constexpr, Q: tl.constexpr, BH: tl.constexpr):
     """Per (chunk, block of heads): dt processed, and the cumsum of its floored log2 decay."""
-    i_c, i_hb, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bc, i_hb = tl.program_id(0), tl.program_id(1)                     # batch rows and chunks on axis 0
+    i_b, i_c = i_bc // K, i_bc % K
     i_r, bos, eos = _chunk(tab_ptr, i_c, i_b, T, Q, IS_VARLEN)
     o_h = i_hb * BH + tl.arange(0, BH)
     m_h = o_h < H
@@ -91,7 +92,8 @@ def _ssd_chunk_state_fwd_kernel(x_ptr, b_ptr, dt_ptr, cs_ptr, tab_ptr, st_ptr,
                                 Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """Per (chunk, head, P block, N block): the state the chunk alone leaves,
     sum_t x_t (dt_t exp2(min(cs_last - cs_t, 0))) B_t^T, fp32 [BP, BN]."""
-    i_c, i_hpn, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bc, i_hpn = tl.program_id(0), tl.program_id(1)
+    i_b, i_c = i_bc // K, i_bc % K
     n_p, n_n = tl.cdiv(P, BP), tl.cdiv(N, BN)
     i_h, i_p, i_n = i_hpn // (n_p * n_n), (i_hpn // n_n) % n_p, i_hpn % n_n
     i_r, bos, eos = _chunk(tab_ptr, i_c, i_b, T, Q, IS_VARLEN)
@@ -126,11 +128,11 @@ def _ssd_state_passing_fwd_kernel(st_ptr, cs_ptr, s0_ptr, sf_ptr, off_ptr,
                                   H, PN, K,
                                   HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                                   Q: tl.constexpr, BS: tl.constexpr):
-    """Per (block of state elements, head, sequence): walks the sequence's chunks in order and
+    """Per (sequence, block of state elements, head): walks the sequence's chunks in order and
     turns each chunk's own state into the state before it, in place:
     before_0 = s0, before_{c+1} = before_c * exp2(min(cs_last_c, 0)) + own_c. In order, so a
     non-finite own state reaches only the chunks after it (never 0 * NaN from a later one)."""
-    i_e, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_e, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_e = i_e * BS + tl.arange(0, BS)
     m_e = o_e < PN
     if IS_VARLEN:
