@@ -531,7 +531,14 @@ class LatentMoE(nn.Module):
         world, me, t = group.size(), group.rank(), xl.shape[0]
         share = -(-t // world)
         lo, hi = min(me * share, t), min((me + 1) * share, t)
-        part = self._exchange(xl[lo:hi], weights[lo:hi], ids[lo:hi], share, one_call=True)     # [hi - lo, l]
+        splits = None
+        if not self.padded_dispatch(share, xl.device):
+            # every rank routed all T tokens alike, so the split sizes of every pair of ranks are
+            # known here without an exchange: slots[s, r] = slots of share s going to rank r
+            pair = (torch.arange(t, device=xl.device) // share)[:, None] * world + ids.long() // self.experts.num_experts
+            m = torch.bincount(pair.reshape(-1), minlength=world * world).view(world, world).tolist()
+            splits = (m[me], [m[src][me] for src in range(world)])
+        part = self._exchange(xl[lo:hi], weights[lo:hi], ids[lo:hi], share, one_call=True, splits=splits)
         buf = torch.cat([part, part.new_zeros(share - (hi - lo), part.shape[1])]) if hi - lo < share else part
         every = [torch.empty_like(buf) for _ in range(world)]
         self._collective("all_gather", "combined rows", [r for r in range(world) if r != me], not buf.is_cuda,
@@ -540,10 +547,11 @@ class LatentMoE(nn.Module):
         return torch.cat(every)[:t]
 
     def _exchange(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int,
-                  one_call: bool) -> torch.Tensor:
+                  one_call: bool, splits=None) -> torch.Tensor:
         """Dispatch, experts and combine of this rank's tokens ``xl [T, l]`` (T <= ``tokens``, the
         count every rank pads to); ``one_call``: the received rows of all source ranks go through
-        the experts in one call (replicated tokens: together they are the single-process rows)."""
+        the experts in one call (replicated tokens: together they are the single-process rows);
+        ``splits``: the (send, receive) row counts per rank when known, else exchanged first."""
         if self.padded_dispatch(tokens, xl.device):
             return self._expert_parallel_padded(xl, weights, ids, tokens, one_call)
         group, k = self.ep_group, self.top_k
@@ -551,11 +559,14 @@ class LatentMoE(nn.Module):
         flat_ids = ids.reshape(-1).long()
         dest = flat_ids // local
         order = torch.argsort(dest, stable=True)                                        # slots by rank
-        send = torch.zeros(world, dtype=torch.int64, device=xl.device).scatter_add_(0, dest, torch.ones_like(dest))
-        recv = torch.empty_like(send)
         me = group.rank()
-        self._all_to_all("split sizes", recv, send, None, None, [r for r in range(world) if r != me])
-        send_n, recv_n = send.tolist(), recv.tolist()                                   # the one host sync
+        if splits is None:
+            send = torch.zeros(world, dtype=torch.int64, device=xl.device).scatter_add_(0, dest, torch.ones_like(dest))
+            recv = torch.empty_like(send)
+            self._all_to_all("split sizes", recv, send, None, None, [r for r in range(world) if r != me])
+            send_n, recv_n = send.tolist(), recv.tolist()                               # the one host sync
+        else:
+            send_n, recv_n = splits
         peers = [r for r in range(world) if r != me and (send_n[r] or recv_n[r])]
 
         def exchange(t: torch.Tensor, out_rows, in_splits, out_splits, what="rows"):
@@ -574,7 +585,7 @@ class LatentMoE(nn.Module):
         back_rows = rows_in - recv_n[me]
         self.comm_bytes = {"dispatch": out_rows * xl.shape[1] * xl.element_size(),
                            "combine": back_rows * slots.shape[1] * slots.element_size(),
-                           "metadata": world * 8 + out_rows * (4 + 4), "gather": 0}
+                           "metadata": (world * 8 if splits is None else 0) + out_rows * (4 + 4), "gather": 0}
         return ops.combine(slots, k, xl.dtype)
 
     def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, world: int, cap: int,
