@@ -63,7 +63,8 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
     Hq / Hkv heads of a kv head and the T tokens: ``[Hkv, T * G, D]`` against ``[Hkv, len, D]``):
     on CPU, SDPA's ``enable_gqa`` took 40-60x longer at Super's heads (bench.attention). T > 1 runs in
     query chunks whose bottom-right causal mask has at most ``MASK_ELEMENTS`` entries (prefill over a
-    long cache stays bounded). fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
+    long cache stays bounded); a row whose keys are all new (a first prefill) runs SDPA's causal path
+    per query head, with no mask at all. fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
     b, t, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -74,6 +75,11 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
         if n == 0:
             continue
         k, v = _live_kv(k_cache[i, :, :n], k_scale, work), _live_kv(v_cache[i, :, :n], v_scale, work)  # [Hkv, n, D]
+        if t > 1 and n == t:               # a row made only of new tokens (a first prefill chunk): plain causal
+            for h in range(hq):            # per query head: no mask, no GQA copy of the keys, O(T) memory
+                out[i, :, h] = F.scaled_dot_product_attention(q[i, :, h][None], k[h // g][None], v[h // g][None],
+                                                              is_causal=True, scale=scale)[0]
+            continue
         first = max(0, t - n)              # queries before the row's first key see nothing: they stay zero
         step = t if t == 1 else max(1, MASK_ELEMENTS // (g * n))
         for t0 in range(first, t, step):

@@ -186,6 +186,9 @@ class HybridCache:
         self.recording = False
         self._gen = torch.Generator(device=device).manual_seed(seed) if ssm_rounding == "stochastic" else None
         self.kv, self.conv, self.ssm = {}, {}, {}
+        # the FP8 cache's dequantization scale (unit: values are saturated, not scaled), as a tensor so
+        # a CUDA graph reads it from the device
+        self.kv_scale = torch.ones(1, device=device) if kv_dtype == torch.float8_e4m3fn else None
         kv_shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         kinds = list(enumerate(config.layers_block_type))
         if mtp:
@@ -202,9 +205,10 @@ class HybridCache:
         for key, kind in kinds:
             pos = self.mtp_pos if isinstance(key, str) else self.pos
             self.layers[key] = LayerCache(self, pos, kv=self.kv.get(key), conv=self.conv.get(key), ssm=self.ssm.get(key))
+        fp8 = self.kv_scale is not None
         if torch.device(device or "cpu").type == "cuda":
             # fixed addresses: a compiled decode step mutates them in place inside a CUDA graph
-            for t in [self.pos, self.mtp_pos, *self.conv.values(), *self.ssm.values(),
+            for t in [self.pos, self.mtp_pos, *self.conv.values(), *self.ssm.values(), *([self.kv_scale] * fp8),
                       *(x for kv in self.kv.values() for x in kv)]:
                 torch._dynamo.mark_static_address(t)
 

@@ -78,6 +78,9 @@ class NemotronHConfig:
     pad_token_id: Optional[int] = 0
     initializer_range: float = 0.02
     dtype: Optional[str] = "bfloat16"        # None (HF's default): bfloat16
+    # serving (this package's; HF ignores it): ``generate`` prefills a prompt in chunks of this many
+    # tokens, so prefill memory stays bounded whatever the prompt length (bench.model --prefill-chunks)
+    prefill_chunk_size: int = 8192
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -234,7 +237,7 @@ _RULES = {
                               "n_groups", "conv_kernel", "chunk_size", "num_attention_heads", "num_key_value_heads",
                               "head_dim", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                               "moe_shared_expert_intermediate_size", "n_group", "topk_group", "intermediate_size",
-                              "max_position_embeddings")},
+                              "max_position_embeddings", "prefill_chunk_size")},
     **{f: _FLAG for f in ("use_conv_bias", "use_bias", "attention_bias", "norm_topk_prob", "mlp_bias",
                           "tie_word_embeddings")},
     "moe_latent_size": _Rule(int, 1, optional=True),

@@ -114,7 +114,9 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, attention_m
             nucleus filtering), the randomness drawn from ``generator``.
         mtp_draft_tokens: k > 0 drafts k tokens per round with the MTP block, every row accepting
             its own prefix.
-        prefill_chunk: prefill the prompt in chunks of this many tokens (long prompts).
+        prefill_chunk: prefill the prompt in chunks of this many tokens; default the config's
+            ``prefill_chunk_size``, so a long prompt's activations stay bounded (the KV cache and
+            the states carry between chunks; the result equals an unchunked prefill).
         eos_token_id: stop a row at this id (or at any id of a list); finished rows continue with
             the config's pad token (its first stop id if it has none).
         cache_kwargs: passed to :meth:`NemotronHForCausalLM.new_cache` (``kv_dtype``, ``ssm_dtype``,
@@ -172,7 +174,8 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, attention_m
     cache = model.new_cache(b, max_len or need, **(cache_kwargs or {}))
     sampler = _Sampler(temperature, top_p, generator, model.config.vocab_size, model.device)
     with torch.no_grad():
-        hidden = _prefill(model, input_ids, valid, cache, prefill_chunk, keep_all=k > 0)
+        hidden = _prefill(model, input_ids, valid, cache, prefill_chunk or model.config.prefill_chunk_size,
+                          keep_all=k > 0)
         nxt = sampler(model.lm_head(hidden[:, -1]).float())
         if k:
             out, stats = _speculate(model, input_ids, valid, hidden, nxt, cache, max_new_tokens, k, sampler, eos,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import attention as _attention  # noqa: F401  (registers nemotron::decode_attention)
 from ..moe_kernels.layer import LatentMoE, ReLU2MLP
 from ..ssm_kernels import ops as ssm
 from .cache import LayerCache, token_slots
@@ -173,7 +174,8 @@ class Attention(nn.Module):
                                                scale=self.head_dim ** -0.5, enable_gqa=self.kv_heads != self.heads)
         else:
             kc, vc, lengths, rel = cache.append_kv(k, v, valid)                # [B, KVH, L, D], lengths [B]
-            o = attend_cache(_place(q, rel).transpose(1, 2), kc, vc, lengths, scale=self.head_dim ** -0.5)
+            o = attend_cache(_place(q, rel).transpose(1, 2), kc, vc, lengths, scale=self.head_dim ** -0.5,
+                             kv_scale=cache.parent.kv_scale)
         o = _unplace(o.transpose(1, 2), rel)                                  # [B, T, NH, D]
         return self.o_proj(o.reshape(b, t, self.heads * self.head_dim))
 
@@ -193,20 +195,26 @@ def _unplace(a: torch.Tensor, rel: torch.Tensor | None) -> torch.Tensor:
 
 
 def attend_cache(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor, *,
-                 scale: float) -> torch.Tensor:
-    """Attention of the T newest tokens of each row over its cached ones: q ``[B, NH, T, D]``, the
-    KV buffers ``[B, KVH, max_len, D]``, ``lengths [B]`` (the new tokens included); query t of row
-    b sits at position ``lengths[b] - T + t`` and sees keys ``0..`` that position. Returns
-    ``[B, NH, T, D]``."""
-    t, L = q.shape[2], kc.shape[2]
-    last = (lengths - t)[:, None, None] + torch.arange(t, device=q.device)[None, :, None]       # [B, T, 1]
-    mask = torch.arange(L, device=q.device)[None, None, :] <= last                             # [B, T, L]
-    return F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask[:, None], scale=scale,
-                                          enable_gqa=kc.shape[1] != q.shape[1])
+                 scale: float, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """The T newest tokens of each row over its live cache: q ``[B, NH, T, D]``, the KV buffers
+    ``[B, KVH, max_len, D]``, ``lengths [B]`` (the new tokens included); query t of row b sits at
+    ``lengths[b] - T + t`` and sees keys ``0..`` that position. ``nemotron::decode_attention``
+    reads only the live prefix (flash decoding on a GPU; SDPA per row's live slice on CPU), whatever
+    ``max_len``, and builds no ``[T, max_len]`` mask. Returns ``[B, NH, T, D]``."""
+    work = q.dtype if kc.dtype in (q.dtype, torch.float8_e4m3fn) else kc.dtype      # a narrower cache: its dtype
+    o = torch.ops.nemotron.decode_attention(q.transpose(1, 2).to(work), kc, vc, lengths, scale, kv_scale, kv_scale)
+    return o.to(q.dtype).transpose(1, 2)
+
+
+# A long input's MoE runs in token chunks of this size: its intermediates (latent rows, the k expert
+# slots per token, relu2 activations) are per token, so they stay bounded at any prompt length
+MOE_TOKEN_CHUNK = 8192
 
 
 class MoEMixer(LatentMoE):
-    """A LatentMoE that accepts (and ignores) the cache: it keeps no state across tokens."""
+    """A LatentMoE that accepts (and ignores) the cache: it keeps no state across tokens. Inputs of
+    more than :data:`MOE_TOKEN_CHUNK` tokens run in chunks of that many (each token's result is its
+    own, so chunking changes nothing but the peak memory)."""
 
     def __init__(self, cfg: NemotronHConfig, layer, *, dtype=None, device=None):
         lat = cfg.moe_latent_size
@@ -218,7 +226,11 @@ class MoEMixer(LatentMoE):
                          dtype=dtype, device=device)
 
     def forward(self, h: torch.Tensor, cache: LayerCache | None = None, valid=None) -> torch.Tensor:
-        return super().forward(h)
+        n = h.shape[0] * h.shape[1]
+        if n <= MOE_TOKEN_CHUNK:
+            return super().forward(h)
+        flat = h.reshape(n, h.shape[-1])
+        return torch.cat([super().forward(flat[s:s + MOE_TOKEN_CHUNK]) for s in range(0, n, MOE_TOKEN_CHUNK)]).view(h.shape)
 
 
 class MLPMixer(ReLU2MLP):
