@@ -480,50 +480,51 @@ class LatentMoE(nn.Module):
         world = self.ep_group.size()
         return device.type == "cuda" and world * tokens * min(self.top_k, self.experts.num_experts) <= PADDED_MAX_ROWS
 
-    def _expert_parallel_padded(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int,
+    def _expert_parallel_padded(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shares: list,
                                 one_call: bool) -> torch.Tensor:
-        """The exchange with fixed-capacity buffers: each rank sends every peer ``C = T * min(k, E/W)``
-        rows (the most one rank's experts can take of T tokens), its real rows first, then padding
-        rows (expert id -1, weight 0), each row packed with its id and weight; equal split sizes, so nothing is read on the host and the step
-        has static shapes (CUDA graphs). The price: W * C rows on the wire and through the experts
-        instead of T * k. The real slots' values match the exact exchange up to the experts' GEMM
-        summation order on plain-torch paths (row counts differ)."""
+        """The exchange with fixed-capacity buffers: source rank s sends every rank ``C_s = T_s *
+        min(k, E/W)`` rows (the most one rank's experts can take of its ``T_s = shares[s]`` tokens,
+        which every rank knows on the host), its real rows first, then padding rows (expert id -1,
+        weight 0), each packed with its id and weight. The split sizes are host integers, so nothing
+        is read from the device and the step has static shapes (CUDA graphs); the price is
+        ``C_s`` rows per peer on the wire instead of the routed ones."""
         group, k = self.ep_group, self.top_k
         world, local, me = group.size(), self.experts.num_experts, group.rank()
         dev, n = xl.device, ids.numel()
-        cap = tokens * min(k, local)
+        caps = [t * min(k, local) for t in shares]
+        cap = caps[me]
         flat_ids = ids.reshape(-1).long()
         order = torch.argsort(flat_ids // local, stable=True)                            # slots by rank
         dest = flat_ids[order] // local
         counts = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest))
         where = dest * cap + torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[dest]   # buffer row
-        peers = [r for r in range(world) if r != me]
+        peers = [r for r in range(world) if r != me and (cap or caps[r])]
 
-        def exchange(t: torch.Tensor, what="rows") -> torch.Tensor:
-            out = torch.empty_like(t)
+        def exchange(t: torch.Tensor, rows: int, in_splits, out_splits, what="rows") -> torch.Tensor:
+            out = t.new_empty(rows, t.shape[1])
             # on CUDA a bounded wait would block the host (the sync this path avoids): the work joins
             # the stream, and the group's timeout (NCCL's watchdog) bounds a hung exchange
-            self._all_to_all(what, out, t, None, None, peers, host_wait=not t.is_cuda)
+            self._all_to_all(what, out, t, out_splits, in_splits, peers, host_wait=not t.is_cuda)
             return out
 
         pad = _pack(xl.new_zeros(1, xl.shape[1]), torch.full((1,), -1, dtype=torch.int32, device=dev),
                     torch.zeros(1, dtype=torch.float32, device=dev))                    # a padding row: id -1
         rows = _pack(xl[order // k], (flat_ids[order] % local).to(torch.int32), weights.reshape(-1)[order].float())
         send = pad.expand(world * cap, -1).clone().index_copy_(0, where, rows)
-        x_recv, id_recv, w_recv = _unpack(exchange(send), xl.dtype)
-        slots_recv = self._padded_slots(x_recv, w_recv, id_recv, world, cap, one_call)   # [W * C, l] fp32
-        slots_back = exchange(slots_recv, "result slots")
+        x_recv, id_recv, w_recv = _unpack(exchange(send, sum(caps), [cap] * world, caps), xl.dtype)
+        slots_recv = self._padded_slots(x_recv, w_recv, id_recv, caps, one_call)         # [sum C_s, l] fp32
+        slots_back = exchange(slots_recv, world * cap, caps, [cap] * world, "result slots")
         slots = torch.empty(n, slots_back.shape[1], dtype=slots_back.dtype, device=dev)
         slots[order] = slots_back[where]
-        rows = (world - 1) * cap
-        self.comm_bytes = {"dispatch": rows * xl.shape[1] * xl.element_size(),
-                           "combine": rows * slots.shape[1] * slots.element_size(), "metadata": rows * (4 + 4),
-                           "gather": 0}
+        out_rows, back_rows = (world - 1) * cap, sum(caps) - cap
+        self.comm_bytes = {"dispatch": out_rows * xl.shape[1] * xl.element_size(),
+                           "combine": back_rows * slots.shape[1] * slots.element_size(),
+                           "metadata": out_rows * (4 + 4), "gather": 0}
         return ops.combine(slots, k, xl.dtype)
 
     def _expert_parallel(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.ep_tokens == "local":
-            return self._exchange(xl, weights, ids, xl.shape[0], one_call=False)
+            return self._exchange(xl, weights, ids, [xl.shape[0]] * self.ep_group.size(), one_call=False)
         # replicated: rank r routes tokens [r * S, (r + 1) * S) only (S = ceil(T / W)), then every rank
         # gathers every share of the combined latent rows: each slot is computed once, not W times
         import torch.distributed as dist
@@ -538,7 +539,8 @@ class LatentMoE(nn.Module):
             pair = (torch.arange(t, device=xl.device) // share)[:, None] * world + ids.long() // self.experts.num_experts
             m = torch.bincount(pair.reshape(-1), minlength=world * world).view(world, world).tolist()
             splits = (m[me], [m[src][me] for src in range(world)])
-        part = self._exchange(xl[lo:hi], weights[lo:hi], ids[lo:hi], share, one_call=True, splits=splits)
+        shares = [max(0, min(share, t - r * share)) for r in range(world)]           # host ints on every rank
+        part = self._exchange(xl[lo:hi], weights[lo:hi], ids[lo:hi], shares, one_call=True, splits=splits)
         buf = torch.cat([part, part.new_zeros(share - (hi - lo), part.shape[1])]) if hi - lo < share else part
         every = [torch.empty_like(buf) for _ in range(world)]
         self._collective("all_gather", "combined rows", [r for r in range(world) if r != me], not buf.is_cuda,
@@ -546,14 +548,15 @@ class LatentMoE(nn.Module):
         self.comm_bytes["gather"] = (world - 1) * share * buf.shape[1] * buf.element_size()
         return torch.cat(every)[:t]
 
-    def _exchange(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int,
+    def _exchange(self, xl: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shares: list,
                   one_call: bool, splits=None) -> torch.Tensor:
-        """Dispatch, experts and combine of this rank's tokens ``xl [T, l]`` (T <= ``tokens``, the
-        count every rank pads to); ``one_call``: the received rows of all source ranks go through
-        the experts in one call (replicated tokens: together they are the single-process rows);
-        ``splits``: the (send, receive) row counts per rank when known, else exchanged first."""
-        if self.padded_dispatch(tokens, xl.device):
-            return self._expert_parallel_padded(xl, weights, ids, tokens, one_call)
+        """Dispatch, experts and combine of this rank's tokens ``xl [T, l]``; ``shares``: every
+        rank's token count (for the padded exchange, which must know them on the host); ``one_call``:
+        the received rows of all source ranks go through the experts in one call (replicated tokens:
+        together they are the single-process rows); ``splits``: the (send, receive) row counts per
+        rank when known, else exchanged first."""
+        if self.padded_dispatch(max(shares), xl.device):
+            return self._expert_parallel_padded(xl, weights, ids, shares, one_call)
         group, k = self.ep_group, self.top_k
         world, local = group.size(), self.experts.num_experts
         flat_ids = ids.reshape(-1).long()
@@ -588,24 +591,26 @@ class LatentMoE(nn.Module):
                            "metadata": (world * 8 if splits is None else 0) + out_rows * (4 + 4), "gather": 0}
         return ops.combine(slots, k, xl.dtype)
 
-    def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, world: int, cap: int,
+    def _padded_slots(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, caps: list,
                       one_call: bool) -> torch.Tensor:
-        """The slots of W fixed-capacity blocks whose padding rows carry expert id -1: the Triton
+        """The slots of W fixed-capacity blocks (``caps`` rows each) whose padding rows carry expert
+        id -1: the Triton
         kernel takes them all in one call (as expert 0 with weight 0; their slots are never read), so
         nothing is read on the host; the plain-torch paths read the real row counts (the ids >= 0 of
         each block) and multiply only the real rows, per source rank, as the exact exchange does."""
         if dispatch.choose("moe_expert_slots", x, record=False).name == "triton":
             return self._local_slots(x, w, ids, [x.shape[0]])
-        real = (ids.view(world, cap) >= 0).sum(1).tolist()
+        starts = [sum(caps[:s]) for s in range(len(caps))]
+        real = [int((b >= 0).sum()) for b in ids.split(caps)]
         out = x.new_zeros(x.shape[0], x.shape[1], dtype=fast.compute_dtype(x))
         if one_call:
-            rows = torch.cat([torch.arange(s * cap, s * cap + n, device=x.device) for s, n in enumerate(real)])
+            rows = torch.cat([torch.arange(a, a + n, device=x.device) for a, n in zip(starts, real)])
             if rows.numel():
                 out[rows] = self.experts.slots(x[rows], w[rows, None], ids[rows, None])
             return out
-        for s, n in enumerate(real):
+        for a, n in zip(starts, real):
             if n:
-                rows = slice(s * cap, s * cap + n)
+                rows = slice(a, a + n)
                 out[rows] = self.experts.slots(x[rows], w[rows, None], ids[rows, None])
         return out
 
