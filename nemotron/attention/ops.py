@@ -64,7 +64,8 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
     on CPU, SDPA's ``enable_gqa`` took 40-60x longer at Super's heads (bench.attention). T > 1 runs in
     query chunks whose bottom-right causal mask has at most ``MASK_ELEMENTS`` entries (prefill over a
     long cache stays bounded); a row whose keys are all new (a first prefill) runs SDPA's causal path
-    per query head, with no mask at all. fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
+    per query head, with no mask at all, and on CPU a later chunk runs mask-free too
+    (:func:`_prefix_then_causal`). fp32 math for fp32 inputs, else SDPA's (fp32 accumulation)."""
     b, t, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -80,6 +81,9 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
                 out[i, :, h] = F.scaled_dot_product_attention(q[i, :, h][None], k[h // g][None], v[h // g][None],
                                                               is_causal=True, scale=scale)[0]
             continue
+        if t > 1 and n > t and q.device.type == "cpu":
+            out[i] = _prefix_then_causal(q[i], k, v, n - t, scale)
+            continue
         first = max(0, t - n)              # queries before the row's first key see nothing: they stay zero
         step = t if t == 1 else max(1, MASK_ELEMENTS // (g * n))
         for t0 in range(first, t, step):
@@ -92,6 +96,28 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)              # [Hkv, T' * G, D]
             out[i, t0:t1] = o.reshape(hkv, t1 - t0, g, d).transpose(0, 1).reshape(t1 - t0, hq, d)
     return out
+
+
+def _prefix_then_causal(q, k, v, prefix: int, scale: float) -> torch.Tensor:
+    """T new queries ``[T, Hq, D]`` of one row over its ``prefix`` cached keys and then its T new
+    ones (``k``, ``v`` ``[Hkv, prefix + T, D]``), without a mask: every query sees the whole prefix
+    (GQA folded into the query rows) and the new keys causally (per query head); the two softmax
+    parts are merged by their log-sum-exps (CPU flash attention returns them). O(T) memory."""
+    t, hq, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    qa = q.reshape(t, hkv, g, d).transpose(0, 1).reshape(1, hkv, t * g, d)                 # rows (t, g)
+    oa, la = flash(qa, k[None, :, :prefix], v[None, :, :prefix], 0.0, False, scale=scale)
+    oa = oa.reshape(hkv, t, g, d).transpose(0, 1).reshape(t, hq, d)
+    la = la.reshape(hkv, t, g).transpose(0, 1).reshape(t, hq)
+    kb = k[:, prefix:].repeat_interleave(g, 0)[None]                                        # [1, Hq, T, D]
+    vb = v[:, prefix:].repeat_interleave(g, 0)[None]
+    ob, lb = flash(q.transpose(0, 1)[None].contiguous(), kb, vb, 0.0, True, scale=scale)
+    ob, lb = ob[0].transpose(0, 1), lb[0].transpose(0, 1)                                  # [T, Hq, D], [T, Hq]
+    m = torch.maximum(la, lb)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    return ((oa.float() * wa[..., None] + ob.float() * wb[..., None]) / (wa + wb)[..., None]).to(q.dtype)
 
 
 # ---- validation ----------------------------------------------------------------------------------
