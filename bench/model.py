@@ -180,13 +180,25 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
-def run_ep(preset: str, world: int, prompt: int, steps: int, device) -> dict:
+def _all_ranks(comm: dict, group) -> dict:
+    """``comm`` summed over the ranks (on the host-side gloo group; outside the timed region)."""
+    if group is None:
+        return comm
+    import torch.distributed as dist
+
+    from nemotron.model import distributed
+    t = torch.tensor([comm[k] for k in sorted(comm)], dtype=torch.int64)
+    dist.all_reduce(t, group=distributed.control_group(group))
+    return dict(zip(sorted(comm), t.tolist()))
+
+
+def run_ep(preset: str, recipe, world: int, prompt: int, steps: int, device) -> dict:
     """Expert parallelism over ``world`` torchrun ranks (1: one plain process): prefill tokens/s of a
     ``prompt``-token batch-1 forward, then ``steps`` greedy batch-1 decode steps, each step's time and
-    the bytes this rank sent in the MoE all-to-alls (latent ``dispatch`` rows, fp32 ``combine`` slots,
-    ``metadata``) summed over the MoE layers; ``full_width_dispatch`` is what hidden-width rows would
-    have cost (dispatch x H / l). Every rank steps in lockstep (each exchange waits for all); rank 0
-    reports its clock."""
+    the bytes all ranks sent in the MoE exchanges (latent ``dispatch`` rows, fp32 ``combine`` slots,
+    ``metadata``, the ``gather`` of combined latent rows) summed over the MoE layers, counted outside
+    the timed region; ``full_width_dispatch`` is what hidden-width rows would have cost (dispatch x
+    H / l). Every rank steps in lockstep (each exchange waits for all); rank 0 reports its clock."""
     from nemotron.model import distributed
     group = None
     if "WORLD_SIZE" in os.environ:
@@ -194,7 +206,7 @@ def run_ep(preset: str, world: int, prompt: int, steps: int, device) -> dict:
     if (group.size() if group is not None else 1) != world:
         raise SystemExit(f"--ep {world}: launch with torchrun --nproc-per-node {world} -m bench.model --ep {world}")
     cfg = NemotronHConfig.preset(preset)
-    model = NemotronHForCausalLM.random(cfg, device=device, seed=0, ep_group=group)
+    model = NemotronHForCausalLM.random(cfg, device=device, seed=0, recipe=recipe, ep_group=group)
     rank = group.rank() if group is not None else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     say(distributed.memory_line(model), flush=True)
@@ -210,10 +222,11 @@ def run_ep(preset: str, world: int, prompt: int, steps: int, device) -> dict:
             harness._sync(device)
             prefill.append(time.perf_counter() - t0)
         sec = sorted(prefill)[1]
-        comm = distributed.comm_bytes(model)
+        comm = _all_ranks(distributed.comm_bytes(model), group)
         rows.append(dict(phase="prefill", tokens=prompt, seconds=sec, tokens_per_s=prompt / sec, **comm))
-        say(f"ep {world} prefill {prompt} tokens: {prompt / sec:9.1f} tok/s, all-to-all bytes sent by rank 0: "
-            f"dispatch {comm['dispatch']}, combine {comm['combine']}, metadata {comm['metadata']}", flush=True)
+        say(f"ep {world} prefill {prompt} tokens: {prompt / sec:9.1f} tok/s, bytes sent by all ranks: "
+            f"dispatch {comm['dispatch']}, combine {comm['combine']}, metadata {comm['metadata']}, "
+            f"gather {comm['gather']}", flush=True)
         cache = model.new_cache(1, prompt + steps + 1)
         nxt = model(ids, cache=cache)[:, -1:].argmax(-1)
         times, per_step = [], []
@@ -223,16 +236,16 @@ def run_ep(preset: str, world: int, prompt: int, steps: int, device) -> dict:
             nxt = model(nxt, cache=cache)[:, -1:].argmax(-1)
             harness._sync(device)
             times.append(time.perf_counter() - t0)
-            per_step.append(distributed.comm_bytes(model))
+            per_step.append(_all_ranks(distributed.comm_bytes(model), group))
     sec = sorted(times)[len(times) // 2]
-    mean = {k: sum(c[k] for c in per_step) / steps for k in ("dispatch", "combine", "metadata")}
+    mean = {k: sum(c[k] for c in per_step) / steps for k in ("dispatch", "combine", "metadata", "gather")}
     rows.append(dict(phase="decode", steps=steps, seconds=sec, tokens_per_s=1 / sec, step_seconds=times,
                      bytes_per_step=mean, full_width_dispatch_per_step=mean["dispatch"] * cfg.hidden_size / latent,
                      per_step_bytes=per_step))
-    say(f"ep {world} decode: {1 / sec:9.1f} tok/s (median of {steps} steps), all-to-all bytes per step sent by rank 0: "
+    say(f"ep {world} decode: {1 / sec:9.1f} tok/s (median of {steps} steps), bytes per step sent by all ranks: "
         f"dispatch {mean['dispatch']:.0f} (hidden-width rows would be {mean['dispatch'] * cfg.hidden_size / latent:.0f}), "
-        f"combine {mean['combine']:.0f}, metadata {mean['metadata']:.0f}", flush=True)
-    doc = dict(kernel=f"model_ep{world}_{preset}", preset=preset, world=world, device=harness.device_info(device),
+        f"combine {mean['combine']:.0f}, metadata {mean['metadata']:.0f}, gather {mean['gather']:.0f}", flush=True)
+    doc = dict(kernel=f"model_ep{world}_{preset}", preset=preset, recipe=recipe, world=world, device=harness.device_info(device),
                cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), memory=distributed.param_bytes(model),
                rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     return doc if rank == 0 else None
@@ -271,7 +284,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     if a.ep is not None:
-        doc = run_ep(a.preset, a.ep, ints(a.prefill)[0], max(a.steps, 16), device)
+        doc = run_ep(a.preset, a.recipe, a.ep, ints(a.prefill)[0], max(a.steps, 16), device)
         if doc is None:                 # ranks other than 0 neither print nor write
             return 0
     elif a.mtp is not None:
