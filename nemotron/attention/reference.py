@@ -91,6 +91,9 @@ class _CountReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "nemotron":          # a package op: count the aten ops its CPU kernel runs
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
         if not func.is_view:
             for a in tree_leaves((args, kwargs)):
                 if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.ptrs:
@@ -104,7 +107,8 @@ class _CountReads(TorchDispatchMode):
 def kv_bytes_read(fn: Callable, *caches: torch.Tensor):
     """Run ``fn()`` and count the bytes its aten ops read from ``caches`` (the KV buffers).
 
-    Views (slicing, selecting a row) are free; every computing op that takes a view of a cache
+    Views (slicing, selecting a row) are free, and so is a ``nemotron::`` op's call itself (the aten
+    ops inside it are counted); every computing op that takes a view of a cache
     counts the distinct elements that view covers (a broadcast dim once). Returns ``(fn's result, bytes)``.
 
     Example::

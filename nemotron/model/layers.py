@@ -230,7 +230,8 @@ class MoEMixer(LatentMoE):
         if n <= MOE_TOKEN_CHUNK:
             return super().forward(h)
         flat = h.reshape(n, h.shape[-1])
-        return torch.cat([super().forward(flat[s:s + MOE_TOKEN_CHUNK]) for s in range(0, n, MOE_TOKEN_CHUNK)]).view(h.shape)
+        parts = [LatentMoE.forward(self, flat[s:s + MOE_TOKEN_CHUNK]) for s in range(0, n, MOE_TOKEN_CHUNK)]
+        return torch.cat(parts).view(h.shape)
 
 
 class MLPMixer(ReLU2MLP):
