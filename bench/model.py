@@ -41,9 +41,9 @@ from . import harness
 
 
 def _fill_cache(cache, context: int, gen: torch.Generator) -> None:
-    for k, v in cache.kv.values():
-        k[:, :context].copy_(torch.randn(k[:, :context].shape, generator=gen, device=k.device).to(k.dtype))
-        v[:, :context].copy_(torch.randn(v[:, :context].shape, generator=gen, device=v.device).to(v.dtype))
+    for k, v in cache.kv.values():                                  # [B, KVH, max_len, D]
+        k[:, :, :context].copy_(torch.randn(k[:, :, :context].shape, generator=gen, device=k.device).to(k.dtype))
+        v[:, :, :context].copy_(torch.randn(v[:, :, :context].shape, generator=gen, device=v.device).to(v.dtype))
     for s in cache.ssm.values():
         s.copy_(torch.randn(s.shape, generator=gen, device=s.device).to(s.dtype) * 0.1)
     for c in cache.conv.values():
@@ -72,7 +72,7 @@ def _compiled(model, backend: str, regional: bool):
 
 
 def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_dtype, device,
-        regional: bool = False, emit=None) -> dict:
+        regional: bool = False, emit=None, max_lens=None) -> dict:
     """The result document; ``emit(doc)``, when given, receives the document so far after each measured row."""
     cfg = NemotronHConfig.preset(preset)
     model = NemotronHForCausalLM.random(cfg, device=device, recipe=recipe, seed=0)
@@ -89,6 +89,7 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
         if emit is not None:
             emit(doc(partial=True))
     max_len = max(contexts + prefill) + steps + 1         # one cache size: one decode graph per backend
+    lens = max_lens or [max_len]                          # --max-len: the decode steps under each cache length
     for impl in impls:
         for backend in backends:
             f = _compiled(model, backend, regional)
@@ -107,8 +108,8 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                                          tokens_per_s=t / sec, first_call_s=first))
                         print(f"{tag:22s} prefill {t:8d} tokens: {t / sec:10.1f} tok/s (first call {first:.1f} s)",
                               flush=True)
-                    for c in contexts:
-                        cache = model.new_cache(1, max_len, kv_dtype=kv_dtype)
+                    for L, c in ((L, c) for L in lens for c in contexts if c + 1 <= L):
+                        cache = model.new_cache(1, L, kv_dtype=kv_dtype)
                         _fill_cache(cache, c, gen)
                         tok = torch.randint(3, cfg.vocab_size, (1, 1), generator=gen, device=device)
 
@@ -120,10 +121,20 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
                         harness._sync(device)
                         first = time.perf_counter() - t0
                         sec = _time(step, device, steps)
-                        add(dict(impl=impl, backend=backend, phase="decode", context=c, seconds=sec,
-                                         tokens_per_s=1 / sec, first_call_s=first))
-                        print(f"{tag:22s} decode at context {c:8d}: {1 / sec:10.1f} tok/s (first call {first:.1f} s)",
-                              flush=True)
+                        add(dict(impl=impl, backend=backend, phase="decode", context=c, max_len=L, seconds=sec,
+                                 tokens_per_s=1 / sec, first_call_s=first))
+                        print(f"{tag:22s} decode at context {c:8d}, max_len {L:8d}: {1 / sec:10.1f} tok/s "
+                              f"(first call {first:.1f} s)", flush=True)
+                    if len(lens) > 1:          # the step's cost of a longer buffer at the same live context
+                        for c in contexts:
+                            t = {r["max_len"]: r["seconds"] for r in rows if r.get("phase") == "decode"
+                                 and r["impl"] == impl and r["backend"] == backend and r["context"] == c}
+                            if len(t) > 1:
+                                ratio = t[max(t)] / t[min(t)]
+                                add(dict(impl=impl, backend=backend, phase="max_len_ratio", context=c,
+                                         max_lens=[min(t), max(t)], ratio=ratio))
+                                print(f"{tag:22s} context {c}: step time at max_len {max(t)} / at {min(t)} = "
+                                      f"{ratio:.2f}x", flush=True)
             if backend != "eager":
                 graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
                 add(dict(impl=impl, backend=backend, phase="compile", graphs=graphs))
@@ -178,6 +189,84 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
                 prompts=prompts, prompt_tokens=64, new_tokens=new_tokens, device=harness.device_info(device),
                 cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), rows=rows,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+# A tiny-width model for million-token prefills on a CPU: every layer kind, one attention layer with
+# one head (the attention is the one O(T^2) part), Mamba and MoE as in the tiny preset
+LONG_TINY = dict(vocab_size=256, hidden_size=32, layers_block_type=list("M*E"), mamba_num_heads=2, mamba_head_dim=16,
+                 ssm_state_size=16, n_groups=1, chunk_size=128, num_attention_heads=1, num_key_value_heads=1,
+                 head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 moe_shared_expert_intermediate_size=32, moe_latent_size=None, num_nextn_predict_layers=0,
+                 max_position_embeddings=1 << 21, dtype="float32")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def prefill_memory_one(tokens: int, chunk: int) -> dict:
+    """One prefill of ``tokens`` tokens through the cache in ``chunk``-token chunks, as ``generate``
+    runs it, on :data:`LONG_TINY`: seconds, and the peak RSS growth over the RSS after the model,
+    the cache and the input were allocated (so the growth is the prefill's working memory alone)."""
+    import threading
+    cfg = NemotronHConfig(**LONG_TINY)
+    model = NemotronHForCausalLM.random(cfg, seed=0)
+    ids = torch.randint(3, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+    def prefill(n, cache):
+        for s in range(0, n, chunk):
+            h = model.step_hidden(ids[:, s:min(s + chunk, n)], cache)
+        return model.lm_head(h[:, -1])
+
+    with torch.no_grad():
+        prefill(min(tokens, 2 * chunk), model.new_cache(1, 2 * chunk + 1))   # warm-up: lazy libraries, allocator
+        cache = model.new_cache(1, tokens + 1)
+        for k, v in cache.kv.values():                 # touch the KV pages: they count as the base, not growth
+            k.fill_(0)
+            v.fill_(0)
+        base, peak, running = _rss_bytes(), [0], [True]
+
+        def sample():                                  # the run's own peak (ru_maxrss would include the warm-up)
+            while running[0]:
+                peak[0] = max(peak[0], _rss_bytes())
+                time.sleep(0.002)
+        watcher = threading.Thread(target=sample)
+        watcher.start()
+        t0 = time.perf_counter()
+        prefill(tokens, cache)
+        sec = time.perf_counter() - t0
+        running[0] = False
+        watcher.join()
+    kv = sum(k.numel() * k.element_size() * 2 for k, _ in cache.kv.values())
+    return dict(tokens=tokens, chunk=chunk, seconds=sec, tokens_per_s=tokens / sec,
+                peak_growth_bytes=max(0, peak[0] - base), kv_cache_bytes=kv, base_rss_bytes=base)
+
+
+def run_prefill_memory(lengths, chunks) -> dict:
+    """Each (length, chunk) in a fresh process (a clean peak RSS): the rows of :func:`prefill_memory_one`."""
+    import subprocess
+    rows = []
+    for chunk in chunks:
+        for t in lengths:
+            r = subprocess.run([sys.executable, "-m", "bench.model", "--prefill-memory-one", f"{t},{chunk}"],
+                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode:
+                raise SystemExit(r.stderr[-3000:])
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"prefill {t:8d} tokens in chunks of {chunk:6d}: {row['tokens_per_s']:9.1f} tok/s, peak RSS growth "
+                  f"{row['peak_growth_bytes'] / 2**20:8.1f} MiB (KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB)",
+                  flush=True)
+    for chunk in chunks:
+        mine = sorted((r for r in rows if r["chunk"] == chunk), key=lambda r: r["tokens"])
+        if len(mine) > 1:
+            a, b = mine[0], mine[-1]
+            per_token = (b["peak_growth_bytes"] - a["peak_growth_bytes"]) / (b["tokens"] - a["tokens"])
+            kv_per_token = b["kv_cache_bytes"] / b["tokens"]
+            print(f"chunk {chunk}: growth per extra token {per_token:.1f} B (KV cache per token {kv_per_token:.0f} B)")
+    return dict(kernel="model_prefill_memory", config=LONG_TINY, device=harness.device_info(torch.device("cpu")),
+                cpu_numbers=True, threads=1, rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def _all_ranks(comm: dict, group) -> dict:
@@ -281,18 +370,30 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="with --mtp: timed passes over the prompts (median)")
     p.add_argument("--ep", type=int, default=None, help="expert parallelism over W torchrun ranks: prefill and decode "
                    "tok/s and all-to-all bytes per step (torchrun --nproc-per-node W -m bench.model --ep W)")
+    p.add_argument("--max-len", default=None, help="comma-separated cache lengths: decode at each context under "
+                   "each (the step must not grow with max_len at a fixed live context)")
+    p.add_argument("--prefill-memory", default=None, help="comma-separated prompt lengths: peak RSS growth of a "
+                   "chunked prefill on a tiny-width model (CPU), each in its own process")
+    p.add_argument("--prefill-chunks", default="8192", help="with --prefill-memory: comma-separated chunk sizes")
+    p.add_argument("--prefill-memory-one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    if a.prefill_memory_one is not None:
+        t, chunk = ints(a.prefill_memory_one)
+        print(json.dumps(prefill_memory_one(t, chunk)))
+        return 0
     if a.ep is not None:
         doc = run_ep(a.preset, a.recipe, a.ep, ints(a.prefill)[0], max(a.steps, 16), device)
         if doc is None:                 # ranks other than 0 neither print nor write
             return 0
+    elif a.prefill_memory is not None:
+        doc = run_prefill_memory(ints(a.prefill_memory), ints(a.prefill_chunks))
     elif a.mtp is not None:
         doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device)
     else:
         doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
                   torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional,
-                  emit=None if a.no_save else _save)     # rewritten after each row: a run cut off keeps its rows
+                  emit=None if a.no_save else _save, max_lens=ints(a.max_len) if a.max_len else None)     # rewritten after each row: a run cut off keeps its rows
     if not a.no_save:
         print(f"wrote {_save(doc)}")
     return 0

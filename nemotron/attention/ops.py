@@ -76,10 +76,11 @@ def _sdpa_live(q, k_cache, v_cache, lengths, scale, k_scale, v_scale) -> torch.T
         if n == 0:
             continue
         k, v = _live_kv(k_cache[i, :, :n], k_scale, work), _live_kv(v_cache[i, :, :n], v_scale, work)  # [Hkv, n, D]
-        if t > 1 and n == t:               # a row made only of new tokens (a first prefill chunk): plain causal
-            for h in range(hq):            # per query head: no mask, no GQA copy of the keys, O(T) memory
-                out[i, :, h] = F.scaled_dot_product_attention(q[i, :, h][None], k[h // g][None], v[h // g][None],
-                                                              is_causal=True, scale=scale)[0]
+        if t > 1 and n == t:               # a row made only of new tokens (a first prefill chunk): plain causal,
+            # 4-D so SDPA takes its flash path (O(T) memory; 3-D inputs fall back to the math path's T x T)
+            o = F.scaled_dot_product_attention(q[i].transpose(0, 1)[None], k.repeat_interleave(g, 0)[None],
+                                               v.repeat_interleave(g, 0)[None], is_causal=True, scale=scale)
+            out[i] = o[0].transpose(0, 1)
             continue
         if t > 1 and n > t and q.device.type == "cpu":
             out[i] = _prefix_then_causal(q[i], k, v, n - t, scale)
