@@ -14,9 +14,13 @@ and takes the same decisions (greedy tokens, MTP acceptance, stops) without furt
 Sampling draws the same numbers on every rank when every rank passes the same seeded generator (or
 seeds the global one alike).
 
-Timeouts: every collective here and in the MoE layers waits at most ``timeout_s`` /
-``ep_timeout`` seconds (default :data:`DEFAULT_TIMEOUT_S`), then raises a ``RuntimeError`` naming
-this rank and the peers it waited for; a failing peer never leaves the others hanging.
+Timeouts: each MoE exchange waits at most ``ep_timeout`` seconds (default
+:data:`DEFAULT_TIMEOUT_S`), then raises a ``RuntimeError`` naming this rank and the peers it waited
+for, so a failing peer never leaves the others hanging (on CUDA the padded decode exchange waits on
+the stream only, bounded by the group's own timeout: NCCL's watchdog). Loading and saving agree on
+a gloo side group (:func:`control_group`, :data:`CONTROL_TIMEOUT_S`): the checkpoint digest within
+``ep_timeout``, the wait for the slowest reader and the expert transfers to rank 0 within the
+side group's timeout or ``save_pretrained``'s ``ep_timeout``.
 """
 from __future__ import annotations
 
