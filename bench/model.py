@@ -145,49 +145,83 @@ def run(preset: str, recipe, impls, backends, prefill, contexts, steps: int, kv_
     return doc()
 
 
-def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, device) -> dict:
+def _launches(fn, device) -> int:
+    """Kernel launches of ``fn()`` from the profiler: CUDA runtime launches on a GPU; on CPU, the
+    top-level aten ops (each one kernel call of an eager CPU step; a compiled graph's fused C++
+    kernels are not ops, so they do not count)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return sum(1 for e in events if e.name.startswith("aten::") and (e.cpu_parent is None
+                                                                      or not e.cpu_parent.name.startswith("aten::")))
+
+
+def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, device, batches=(1,),
+            backends=("eager",)) -> dict:
+    """Greedy generation with k MTP drafts per round (k = 0: plain greedy) on a trained checkpoint,
+    for each compile backend and batch size: tokens/s (all rows), its ratio to k = 0 measured in the
+    same run, acceptance, tokens per round, launches per round (profiler), and whether every row
+    equals plain greedy. Batch b generates ``prompts`` prompts as batches of b rows; the k values
+    are interleaved within each pass, the median pass counts."""
     from nemotron.model import DEMO_CHECKPOINTS, demo_checkpoint
     from nemotron.train.data import heldout_sample, load_tokenizer
 
     path = demo_checkpoint(checkpoint) if checkpoint in DEMO_CHECKPOINTS else checkpoint
     model = NemotronHForCausalLM.from_pretrained(path, device=device).eval()
     sample, _ = heldout_sample(load_tokenizer(path), files=prompts, tokens_per_file=64)
-    starts = [i * 65 for i in range(prompts)]                 # each prompt: one file's first 64 tokens
-    batch = [sample[s:s + 64][None].to(device) for s in starts]
-    rows, outs, stats, times = [], {}, {}, {k: [] for k in ks}
+    prompt_rows = torch.stack([sample[i * 65:i * 65 + 64] for i in range(prompts)]).to(device)   # [prompts, 64]
+    rows = []
     with torch.no_grad():
-        model.generate(batch[0], max_new_tokens=8, mtp_draft_tokens=max(ks))   # warm-up
-        for _ in range(reps):             # the k values interleaved, so drifts of a shared machine hit all
-            for k in ks:
-                outs[k], stats[k] = [], []                    # greedy: every pass has the same outputs and stats
-                harness._sync(device)
-                t0 = time.perf_counter()
-                for p in batch:
-                    o, st = model.generate(p, max_new_tokens=new_tokens, mtp_draft_tokens=k, output_stats=True)
-                    outs[k].append(o)
-                    stats[k].append(dataclasses.asdict(st))
-                harness._sync(device)
-                times[k].append(time.perf_counter() - t0)
-        for k in ks:
-            drafted, accepted, rounds = (sum(st[f] for st in stats[k]) for f in ("drafted", "accepted", "rounds"))
-            sec = sorted(times[k])[len(times[k]) // 2]         # the median pass
-            emitted = sum(o.shape[1] - 64 for o in outs[k])
-            same = None if 0 not in outs else all(torch.equal(a, b) for a, b in zip(outs[k], outs[0]))
-            rows.append(dict(mtp_draft_tokens=k, tokens_per_s=emitted / sec, seconds=sec, pass_seconds=times[k],
-                             acceptance_rate=accepted / drafted if drafted else None,
-                             tokens_per_round=(emitted - prompts) / rounds if k and rounds else 1.0,
-                             identical_to_plain=same))
-    base = next((r["tokens_per_s"] for r in rows if r["mtp_draft_tokens"] == 0), None)
+        for backend in backends:
+            bk = None if backend == "eager" else backend
+            torch._dynamo.reset()
+            for bsz in batches:
+                groups = [prompt_rows[i:i + bsz] for i in range(0, prompts, bsz)]
+
+                def gen(k, g):
+                    return model.generate(g, max_new_tokens=new_tokens, mtp_draft_tokens=k, backend=bk,
+                                          max_len=64 + new_tokens + max(ks) + 1, output_stats=True)
+                for k in ks:                                          # warm-up (compiles each step once)
+                    gen(k, groups[0])
+                outs, stats, times = {}, {}, {k: [] for k in ks}
+                for _ in range(reps):             # the k values interleaved, so drifts of a shared machine hit all
+                    for k in ks:
+                        harness._sync(device)
+                        t0 = time.perf_counter()
+                        res = [gen(k, g) for g in groups]
+                        harness._sync(device)
+                        times[k].append(time.perf_counter() - t0)
+                        outs[k], stats[k] = [o for o, _ in res], [dataclasses.asdict(st) for _, st in res]
+                for k in ks:
+                    drafted, accepted, rounds = (sum(st[f] for st in stats[k]) for f in ("drafted", "accepted", "rounds"))
+                    sec = sorted(times[k])[len(times[k]) // 2]         # the median pass
+                    emitted = sum(o[:, 64:].numel() for o in outs[k])
+                    same = None if 0 not in outs else all(torch.equal(a, b) for a, b in zip(outs[k], outs[0]))
+                    launches = _launches(lambda: gen(k, groups[0]), device)
+                    row_rounds = drafted // k if k else rounds
+                    rows.append(dict(backend=backend, batch=bsz, mtp_draft_tokens=k, tokens_per_s=emitted / sec,
+                                     seconds=sec, pass_seconds=times[k],
+                                     acceptance_rate=accepted / drafted if drafted else None,
+                                     tokens_per_round=(row_rounds + accepted) / row_rounds if k and row_rounds else 1.0,
+                                     launches_per_round=launches / (stats[k][0]["rounds"] or 1),
+                                     identical_to_plain=same))
     for r in rows:
+        base = next((b["tokens_per_s"] for b in rows if b["mtp_draft_tokens"] == 0 and b["backend"] == r["backend"]
+                     and b["batch"] == r["batch"]), None)
         r["speedup_vs_plain"] = r["tokens_per_s"] / base if base else None
         acc = "" if r["acceptance_rate"] is None else f", acceptance {r['acceptance_rate']:.3f}"
-        print(f"MTP k={r['mtp_draft_tokens']}: {r['tokens_per_s']:7.1f} tok/s"
+        print(f"{r['backend']:8s} batch {r['batch']} MTP k={r['mtp_draft_tokens']}: {r['tokens_per_s']:7.1f} tok/s"
               + (f" ({r['speedup_vs_plain']:.2f}x plain)" if base else "")
-              + f"{acc}, {r['tokens_per_round']:.2f} tokens/round, identical to plain: {r['identical_to_plain']}",
-              flush=True)
+              + f"{acc}, {r['tokens_per_round']:.2f} tokens/round, {r['launches_per_round']:.0f} launches/round, "
+              f"identical to plain: {r['identical_to_plain']}", flush=True)
     return dict(kernel=f"model_mtp_{os.path.basename(os.path.normpath(checkpoint))}", checkpoint=checkpoint,
                 prompts=prompts, prompt_tokens=64, new_tokens=new_tokens, device=harness.device_info(device),
                 cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), rows=rows,
+                launches="CUDA runtime launches" if device.type == "cuda" else "top-level aten ops (CPU)",
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
@@ -365,7 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--mtp", default=None, help="comma-separated MTP draft counts: time generation on a trained model")
     p.add_argument("--checkpoint", default="nvfp4", help="with --mtp: nvfp4 | bf16 (the demo checkpoints) or a DIR")
-    p.add_argument("--prompts", type=int, default=4, help="with --mtp: held-out prompts")
+    p.add_argument("--prompts", type=int, default=8, help="with --mtp: held-out prompts")
+    p.add_argument("--batch", default="1", help="with --mtp: comma-separated batch sizes (prompts per generate call)")
     p.add_argument("--new-tokens", type=int, default=64, help="with --mtp: tokens generated per prompt")
     p.add_argument("--reps", type=int, default=5, help="with --mtp: timed passes over the prompts (median)")
     p.add_argument("--ep", type=int, default=None, help="expert parallelism over W torchrun ranks: prefill and decode "
@@ -389,7 +424,8 @@ def main(argv=None) -> int:
     elif a.prefill_memory is not None:
         doc = run_prefill_memory(ints(a.prefill_memory), ints(a.prefill_chunks))
     elif a.mtp is not None:
-        doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device)
+        doc = run_mtp(a.checkpoint, ints(a.mtp), a.prompts, a.new_tokens, a.reps, device, batches=ints(a.batch),
+                      backends=a.backends.split(","))
     else:
         doc = run(a.preset, a.recipe, a.impls.split(","), a.backends.split(","), ints(a.prefill), ints(a.contexts), a.steps,
                   torch.float8_e4m3fn if a.kv_fp8 else None, device, regional=a.regional,

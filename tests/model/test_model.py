@@ -333,7 +333,10 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
 def test_model_benchmark_runs():
     from bench import model as bench_model
     assert bench_model.main(["--preset", "tiny", "--impls", "reference", "--prefill", "8", "--contexts", "16",
-                             "--steps", "1", "--no-save"]) == 0
+                             "--steps", "1", "--no-save", "--max-len", "24,64"]) == 0
+    assert bench_model.main(["--mtp", "0,2", "--batch", "1,2", "--prompts", "2", "--new-tokens", "4", "--reps", "1",
+                             "--no-save"]) == 0
+    assert bench_model.main(["--prefill-memory", "256,512", "--prefill-chunks", "128", "--no-save"]) == 0
 
 
 @pytest.mark.gpu
