@@ -184,7 +184,7 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
 
                 def gen(k, g):
                     return model.generate(g, max_new_tokens=new_tokens, mtp_draft_tokens=k, backend=bk,
-                                          max_len=64 + new_tokens + max(ks) + 1, output_stats=True)
+                                          max_len=64 + new_tokens + 2 * max(ks) + 1, output_stats=True)
                 for k in ks:                                          # warm-up (compiles each step once)
                     gen(k, groups[0])
                 outs, stats, times = {}, {}, {k: [] for k in ks}

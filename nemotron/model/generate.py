@@ -121,7 +121,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, attention_m
             the config's pad token (its first stop id if it has none).
         cache_kwargs: passed to :meth:`NemotronHForCausalLM.new_cache` (``kv_dtype``, ``ssm_dtype``,
             ``ssm_rounding``).
-        max_len: the cache length (default: prompt + max_new_tokens + drafts). A compiled model
+        max_len: the cache length (default: prompt + max_new_tokens + 2 x drafts + 1). A compiled model
             keeps one decode graph per cache length, so serving passes one fixed value.
         backend: run the decode steps (and the MTP draft and verify steps) through ``torch.compile``
             with this backend (e.g. ``"nemotron"``); compiled once, kept on the model.
@@ -168,7 +168,9 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, attention_m
         if bool(valid.all()):
             valid = None
     model.check_ids(input_ids)                                    # once: sampled ids are in range
-    need = t + max_new_tokens + k + 1
+    # a row finishing mid-round may have accepted up to k tokens past its last kept one, and a finished
+    # row's verify still writes k + 1 slots: 2k + 1 slots past prompt + max_new_tokens bound both
+    need = t + max_new_tokens + 2 * k + 1
     if max_len is not None and max_len < need:
         raise ValueError(f"max_len: {max_len} is shorter than the {need} positions this call may use")
     cache = model.new_cache(b, max_len or need, **(cache_kwargs or {}))

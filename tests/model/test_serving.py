@@ -92,6 +92,11 @@ def test_batched_mtp_greedy_equals_plain_greedy_on_the_trained_model(shipped):
             assert_equal(out[b, width:], alone[b], what=f"row {b}, k={k}")
         assert st.drafted > 0 and 0 < st.accepted < st.drafted, st
         assert st.tokens_per_round > 1.2, st
+    # short budgets: rows reach max_new_tokens mid-round, having accepted drafts past it
+    for new in (1, 2, 3, 5):
+        out = shipped.generate(ids, attention_mask=mask, max_new_tokens=new, mtp_draft_tokens=3)
+        for b in range(len(prompts)):
+            assert_equal(out[b, width:], alone[b][:new], what=f"row {b}, {new} new tokens")
 
 
 def test_batched_mtp_with_a_drafter_right_on_some_positions(model, monkeypatch):
