@@ -4,8 +4,9 @@
 # `timeout`, ordered by value.
 #
 #   bash bench/gpu_session.sh 1     # install, the -m gpu correctness tests, the NVFP4 GEMM bench (trimmed shapes)
-#   bash bench/gpu_session.sh 2     # the SSD, state-update and MoE benches (trimmed shapes)
-#   bash bench/gpu_session.sh 3     # the end-to-end Super model (one prefill length, two contexts)
+#   bash bench/gpu_session.sh 2     # the SSD, state-update, MoE and decode-attention benches (trimmed shapes)
+#   bash bench/gpu_session.sh 3     # the end-to-end Super model (one prefill length, contexts 1K and 512K),
+#                                   # then MTP generation on the shipped model (batch 1 and 8, eager and compiled)
 #   bash bench/gpu_session.sh all   # 1, 2 and 3 in one call (about 17 minutes)
 #
 # Results land in bench/results/<device>/ and each step's log in bench/results/logs/; after every step
@@ -50,11 +51,13 @@ stage1() {
 stage2() {
     step bench_ssm 150 python -m bench ssd_scan selective_state_update --shapes trimmed
     step bench_moe 150 python -m bench moe_experts --shapes trimmed
+    step bench_attention 60 python -m bench decode_attention --shapes trimmed
 }
 
 stage3() {
     step bench_model 330 python -m bench.model --preset super-120b-a12b --recipe nvfp4 --impls kernels \
-        --backends eager,nemotron --regional --prefill 1024 --contexts 1024,32768 --steps 10 --kv-fp8
+        --backends eager,nemotron --regional --prefill 1024 --contexts 1024,524288 --steps 10 --kv-fp8
+    step bench_mtp 120 python -m bench.model --mtp 0,1,3 --batch 1,8 --backends eager,nemotron --reps 3
 }
 
 case "${1:-}" in

@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import time
 
 import pytest
@@ -16,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM, checkpoint, distributed
+
+from ..ports import free_port
 
 TIMEOUT_S = 150          # the whole spawned run, a hang guard (each rank's own waits are bounded far below)
 EP_TIMEOUT_S = 3.0       # the failing-peer test's ep_timeout
@@ -164,14 +165,8 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world, out_dir, done):
-    ctx = mp.start_processes(fn, args=(world, _free_port(), str(out_dir)), nprocs=world, join=False,
+    ctx = mp.start_processes(fn, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -343,7 +338,7 @@ def test_cli_generate_under_torchrun_prints_on_rank_0_only(tmp_path):
     model.save_pretrained(str(tmp_path / "m"))
     want = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6)[0, 3:].tolist()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "nemotron", "generate", "--model", str(tmp_path / "m"), "--ids", "5,6,7", "--max-new-tokens", "6",
            "--ep", "--ep-timeout", "30"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)

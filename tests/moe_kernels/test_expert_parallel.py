@@ -3,7 +3,6 @@ single-process layer exactly, including ranks that receive no tokens, with the e
 with the fixed-capacity one; latent dispatch moves l/H of the bytes of full-width dispatch."""
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from nemotron import dispatch
 from nemotron.moe_kernels import LatentMoE
 
 from ..close import assert_close, assert_equal
+from ..ports import free_port
 
 H, L, E, K = 64, 16, 8, 3
 TIMEOUT_S = 120
@@ -107,14 +107,8 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1):
@@ -172,7 +166,7 @@ def _stuck_peer_worker(rank, world, port, out_dir):
 
 
 def test_a_stuck_peer_is_named_within_the_timeout(tmp_path):
-    ctx = mp.start_processes(_stuck_peer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_stuck_peer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not (tmp_path / "rank0.txt").exists() and time.monotonic() < deadline:
