@@ -26,6 +26,7 @@ _TYPE_TO_CHAR = {v: k for k, v in _CHAR_TO_TYPE.items()}
 _ALIASES = {"mamba": "linear_attention", "attention": "full_attention"}
 MODEL_TYPES = ("nemotron_h", "nemotron_3")          # the second: HF's legacy spelling
 DTYPES = ("float32", "bfloat16", "float16")
+PACKAGE_FIELDS = ("prefill_chunk_size",)            # this package's serving settings; HF's config has none of them
 
 SUPER_PATTERN = "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME"
 NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
