@@ -161,11 +161,9 @@ def test_omitted_fields_take_hf_defaults():
     d = {"vocab_size": 96, "hidden_size": 64, "hybrid_override_pattern": "M*E"}
     ours, hf = NemotronHConfig.from_dict(d), transformers.NemotronHConfig.from_dict(dict(d))
     for f in dataclasses.fields(NemotronHConfig):
+        if f.name in ("dtype", *config_mod.PACKAGE_FIELDS):
+            continue      # dtype: HF None, ours None means bfloat16; PACKAGE_FIELDS: ours alone (HF ignores them)
         want = getattr(hf, f.name)
-        if f.name == "dtype":
-            continue                                          # HF: None; ours: None means bfloat16
-        if f.name in config_mod.PACKAGE_FIELDS:
-            continue                                          # ours alone (serving settings HF ignores)
         assert getattr(ours, f.name) == (list(want) if isinstance(want, tuple) else want), f.name
 
 
