@@ -218,7 +218,8 @@ def run_mtp(checkpoint: str, ks, prompts: int, new_tokens: int, reps: int, devic
               + (f" ({r['speedup_vs_plain']:.2f}x plain)" if base else "")
               + f"{acc}, {r['tokens_per_round']:.2f} tokens/round, {r['launches_per_round']:.0f} launches/round, "
               f"identical to plain: {r['identical_to_plain']}", flush=True)
-    return dict(kernel=f"model_mtp_{os.path.basename(os.path.normpath(checkpoint))}", checkpoint=checkpoint,
+    tag = "".join(f"_{b}" for b in backends if b != "eager")             # compiled runs keep their own file
+    return dict(kernel=f"model_mtp_{os.path.basename(os.path.normpath(checkpoint))}{tag}", checkpoint=checkpoint,
                 prompts=prompts, prompt_tokens=64, new_tokens=new_tokens, device=harness.device_info(device),
                 cpu_numbers=device.type != "cuda", threads=torch.get_num_threads(), rows=rows,
                 launches="CUDA runtime launches" if device.type == "cuda" else "top-level aten ops (CPU)",
