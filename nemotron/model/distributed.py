@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..moe_kernels.expert_parallel import bounded_collective
 from ..moe_kernels.layer import LatentMoE, MoEExperts, ep_world
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -156,20 +157,6 @@ def _global(group, r: int) -> int:
     return dist.get_global_rank(group, r)
 
 
-def wait(work, what: str, group, timeout_s: Optional[float], peers) -> None:
-    """Wait for one collective for at most ``timeout_s`` seconds; a failure names the rank and peers."""
-    try:
-        if timeout_s is None:
-            work.wait()
-        else:
-            work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as err:
-        waited = f"{timeout_s} s" if timeout_s is not None else "the process group's timeout"
-        raise RuntimeError(f"expert parallelism: rank {group.rank()} of {group.size()}: the {what} with peer rank(s) "
-                           f"{list(peers)} failed within {waited}; one of those ranks crashed or did not reach this "
-                           f"step. Cause: {err}") from err
-
-
 def agree(group, digest: bytes, what: str, timeout_s: Optional[float] = DEFAULT_TIMEOUT_S) -> None:
     """All ranks of ``group`` hold the same ``digest`` of ``what`` (an all_gather of 32 bytes); a rank
     that differs raises a ValueError on every rank, naming the ranks that disagree with rank 0."""
@@ -180,8 +167,9 @@ def agree(group, digest: bytes, what: str, timeout_s: Optional[float] = DEFAULT_
     group = control_group(group)
     mine = torch.tensor(list(digest[:32].ljust(32, b"\0")), dtype=torch.uint8)
     every = [torch.empty_like(mine) for _ in range(world)]
-    wait(dist.all_gather(every, mine, group=group, async_op=True), f"all_gather of the {what} digests", group,
-         timeout_s, [r for r in range(world) if r != rank])
+    bounded_collective(lambda: dist.all_gather(every, mine, group=group, async_op=True), group=group,
+                       timeout_s=timeout_s, what=f"all_gather of the {what} digests",
+                       peers=[r for r in range(world) if r != rank], reached="this step")
     other = [r for r in range(world) if not torch.equal(every[r], every[0])]
     if other:
         raise ValueError(f"ep_group: rank(s) {other} of {world} have a different {what} than rank 0 "
@@ -196,8 +184,10 @@ def broadcast_int(group, value: int, what: str, timeout_s: Optional[float] = DEF
         return value
     group = control_group(group)
     t = torch.tensor([value], dtype=torch.int64)
-    wait(dist.broadcast(t, _global(group, src), group=group, async_op=True), f"broadcast of the {what}", group, timeout_s,
-         [src] if group.rank() != src else [r for r in range(group.size()) if r != src])
+    bounded_collective(lambda: dist.broadcast(t, _global(group, src), group=group, async_op=True), group=group,
+                       timeout_s=timeout_s, what=f"broadcast of the {what}",
+                       peers=[src] if group.rank() != src else [r for r in range(group.size()) if r != src],
+                       reached="this step")
     return int(t.item())
 
 
@@ -263,8 +253,10 @@ def send_experts(model: nn.Module, group, timeout_s: Optional[float]) -> None:
     group = control_group(group)
     for name, m in _stacks(model):
         for attr, t in m.stacked().items():
-            wait(dist.isend(_as_bytes(t).cpu(), _global(group, 0), group=group), f"send of {name}.{attr} to rank 0",
-                 group, timeout_s, [0])
+            data = _as_bytes(t).cpu()
+            bounded_collective(lambda: dist.isend(data, _global(group, 0), group=group), group=group,
+                               timeout_s=timeout_s, what=f"send of {name}.{attr} to rank 0", peers=[0],
+                               reached="this step")
 
 
 def receive_experts(model: nn.Module, group, timeout_s: Optional[float]) -> Iterator[tuple[int, dict]]:
@@ -279,8 +271,9 @@ def receive_experts(model: nn.Module, group, timeout_s: Optional[float]) -> Iter
             stacks = {}
             for attr, t in m.stacked().items():
                 buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-                wait(dist.irecv(buf, _global(group, r), group=group), f"receive of {name}.{attr} from rank {r}", group,
-                     timeout_s, [r])
+                bounded_collective(lambda: dist.irecv(buf, _global(group, r), group=group), group=group,
+                                   timeout_s=timeout_s, what=f"receive of {name}.{attr} from rank {r}", peers=[r],
+                                   reached="this step")
                 stacks[attr] = buf.view(t.dtype).view(t.shape)
             sd.update(m.peer(r * m.num_experts, stacks).state_dict(prefix=name + "."))
         yield r, {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

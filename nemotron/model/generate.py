@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import dispatch
-from .model import check_attention_mask
+from .model import check_attention_mask, check_input_ids
 
 STOP_CHECK = 16          # plain decode reads the all-finished flag once per this many steps (with eos)
 
@@ -133,11 +133,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, attention_m
         >>> out, st = model.generate(ids, attention_mask=mask, max_new_tokens=8, mtp_draft_tokens=3,
         ...                          output_stats=True)           # st.acceptance_rate
     """
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids: expected an int tensor [B, T], got {type(input_ids).__name__}")
-    if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids: expected an int tensor [B, T] with B, T >= 1, got {input_ids.dtype} "
-                         f"{tuple(input_ids.shape)}")
+    check_input_ids(input_ids)
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
     temperature = dispatch.check_float("temperature", temperature, lo=0.0)
     top_p = dispatch.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
@@ -297,9 +293,9 @@ def _speculate(model, input_ids, valid, hidden, nxt, cache, max_new, k, sampler:
     j = torch.arange(k + 1, device=dev)
     rounds = 0
     drafted = accepted = torch.zeros((), dtype=torch.long, device=dev)
+    frozen = done | (cnt >= max_new)                                          # finished rows keep their positions
     while True:
         rounds += 1
-        frozen = done | (cnt >= max_new)
         target, n_acc, hv = fns["verify"](model, last, drafts, cache, frozen, sampler.temperature, sampler.top_p,
                                           sampler.noise(b, k + 1))
         live = ~frozen
@@ -313,11 +309,11 @@ def _speculate(model, input_ids, valid, hidden, nxt, cache, max_new, k, sampler:
             done = done | stop.any(1)
         out.scatter_(1, torch.where(keep, cnt[:, None] + j, trash), target)
         cnt = cnt + keep.sum(1)
-        if bool((done | (cnt >= max_new)).all()):                             # the round's one host read
+        frozen = done | (cnt >= max_new)
+        if bool(frozen.all()):                                                # the round's one host read
             break
-        accepted_pos = j <= n_acc[:, None]
-        drafts = fns["draft"](model, target, hv, accepted_pos, n_acc, cache, k)
-        cache.advance(-(done | (cnt >= max_new)).long() * (n_acc + 1), mtp=True)
+        drafts = fns["draft"](model, target, hv, j <= n_acc[:, None], n_acc, cache, k)
+        cache.advance(-frozen.long() * (n_acc + 1), mtp=True)
         last = target.gather(1, n_acc[:, None])[:, 0]
     n = int(cnt.max())
     drafted, accepted = int(drafted), int(accepted)

@@ -84,8 +84,7 @@ class Mamba2Mixer(nn.Module):
         w = self.conv1d.weight.squeeze(1)
         bias = self.conv1d.bias
         A = -torch.exp(self.A_log.float())
-        if valid is not None:
-            xbc = torch.where(valid[..., None], xbc, 0)
+        xbc = _zero_pads(xbc, valid)
         if cache is not None and (t == 1 or cache.recording):
             y = self._steps(xbc, dt, w, bias, A, cache, valid)
         else:
@@ -93,8 +92,7 @@ class Mamba2Mixer(nn.Module):
             xbc, conv_final = ssm.causal_conv1d(xbc.contiguous(), w.contiguous(), bias, activation="silu",
                                                 initial_states=conv0, return_final_states=True)
             xs, B, C = xbc.split([self.inter, self.groups * self.n, self.groups * self.n], dim=-1)
-            if valid is not None:
-                xs = torch.where(valid[..., None], xs, 0)
+            xs = _zero_pads(xs, valid)
             s0 = cache.ssm_initial() if cache is not None else None
             y, s_final = ssm.ssd_scan(xs.reshape(b, t, self.heads, self.head_dim), dt.contiguous(), A,
                                       B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
@@ -120,8 +118,7 @@ class Mamba2Mixer(nn.Module):
         if not cache.recording:
             xj = ssm.causal_conv1d_update(xbc[:, 0].contiguous(), cache.conv, w.contiguous(), bias, activation="silu")
             xs, B, C = xj.split([self.inter, gn, gn], dim=-1)
-            if valid is not None:
-                xs = torch.where(valid[:, :1], xs, 0)
+            xs = _zero_pads(xs, valid)
             state = cache.ssm_working()
             y = ssm.selective_state_update(state, xs.reshape(b, self.heads, self.head_dim), dt_all[:, 0], A,
                                            B.reshape(b, self.groups, self.n), C.reshape(b, self.groups, self.n),
@@ -132,14 +129,18 @@ class Mamba2Mixer(nn.Module):
         xc = ssm.causal_conv1d_update_multi(xbc.contiguous(), cache.conv, w.contiguous(), bias, activation="silu",
                                             conv_states_out=conv_out)
         xs, B, C = xc.split([self.inter, gn, gn], dim=-1)
-        if valid is not None:
-            xs = torch.where(valid[..., None], xs, 0)
+        xs = _zero_pads(xs, valid)
         state = cache.verify_state()
         y = ssm.selective_state_update_multi(state, xs.reshape(b, t, self.heads, self.head_dim), dt_all, A,
                                              B.reshape(b, t, self.groups, self.n), C.reshape(b, t, self.groups, self.n),
                                              D=self.D, states_out=ssm_out)
         cache.end_verify_step(state)
         return y.reshape(b, t, self.inter)
+
+
+def _zero_pads(v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``v [B, (T,) C]`` with its padded tokens (``valid [B, T]`` false) set to 0."""
+    return v if valid is None else torch.where(valid.reshape(*v.shape[:-1], 1), v, 0)
 
 
 class Attention(nn.Module):

@@ -14,6 +14,16 @@ from torch import nn
 from .cache import HybridCache, config_ssm_dtype
 
 
+def check_input_ids(input_ids) -> None:
+    """``input_ids``: an int32/int64 tensor ``[B, T]`` with B, T >= 1 (the values are checked by
+    :meth:`NemotronHForCausalLM.check_ids`, a host read)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected an int tensor [B, T], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64) or 0 in input_ids.shape:
+        raise ValueError(f"input_ids: expected an int tensor [B, T] with B, T >= 1, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+
+
 def check_attention_mask(mask: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
     """An HF ``attention_mask [B, T]`` (bool or 0/1 ints) as a bool mask of the real tokens, or None
     when there is no mask. Eager calls also check (host reads) that it is 0/1 and left-padded (each
@@ -148,9 +158,7 @@ class NemotronHForCausalLM(nn.Module):
         left-padded batch: each row's pads come first. With a cache it covers only the new tokens
         (the cache holds only real ones). Eager calls check the ids, the mask and the cache's room
         (host reads); ``generate`` checks once per call and steps through the unchecked path."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64) or 0 in input_ids.shape:
-            raise ValueError(f"input_ids: expected an int tensor [B, T] with B, T >= 1, got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
+        check_input_ids(input_ids)
         valid = check_attention_mask(attention_mask, input_ids.shape)
         if not torch.compiler.is_compiling():
             self.check_ids(input_ids)

@@ -225,16 +225,25 @@ class ExpertParallel:
             out, inp, out_splits, in_splits, group=self.ep_group, async_op=True))
 
     def _collective(self, kind: str, what: str, peers, host_wait: bool, start) -> None:
-        import datetime
-        try:
-            work = start()
-            if self.ep_timeout is None or not host_wait:
-                work.wait()
-            else:
-                work.wait(timeout=datetime.timedelta(seconds=self.ep_timeout))
-        except RuntimeError as err:
-            waited = f"{self.ep_timeout} s (ep_timeout)" if self.ep_timeout is not None else "the process group's timeout"
-            raise RuntimeError(
-                f"LatentMoE expert parallelism: rank {self.ep_group.rank()} of {self.ep_group.size()}: the {kind} "
-                f"of the {what} with peer rank(s) {peers} failed within {waited}; one of those ranks crashed or "
-                f"did not reach this MoE layer's forward. Cause: {err}") from err
+        bounded_collective(start, group=self.ep_group, timeout_s=self.ep_timeout if host_wait else None,
+                           what=f"{kind} of the {what}", peers=peers, reached="this MoE layer's forward",
+                           timeout_name="ep_timeout")
+
+
+def bounded_collective(start, *, group, timeout_s, what: str, peers, reached: str, timeout_name: str = "") -> None:
+    """Start a collective (``start()`` returns its work handle) and wait at most ``timeout_s`` seconds
+    (None: the process group's own timeout). A failure, a peer that crashed or never joined, raises
+    naming this rank, the peers, and the step they did not reach."""
+    import datetime
+    try:
+        work = start()
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:
+        waited = (f"{timeout_s} s" + (f" ({timeout_name})" if timeout_name else "") if timeout_s is not None
+                  else "the process group's timeout")
+        raise RuntimeError(f"expert parallelism: rank {group.rank()} of {group.size()}: the {what} with peer "
+                           f"rank(s) {list(peers)} failed within {waited}; one of those ranks crashed or did not "
+                           f"reach {reached}. Cause: {err}") from err
