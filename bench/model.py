@@ -420,8 +420,13 @@ def main(argv=None) -> int:
         return 0
     if a.ep is not None:
         doc = run_ep(a.preset, a.recipe, a.ep, ints(a.prefill)[0], max(a.steps, 16), device)
-        if doc is None:                 # ranks other than 0 neither print nor write
-            return 0
+        if "WORLD_SIZE" in os.environ:  # a torchrun rank: rank 0 writes, then every rank ends cleanly
+            import torch.distributed as dist
+
+            from nemotron.model import distributed
+            if doc is not None and not a.no_save:
+                print(f"wrote {_save(doc)}")
+            distributed.exit_rank(dist.group.WORLD)
     elif a.prefill_memory is not None:
         doc = run_prefill_memory(ints(a.prefill_memory), ints(a.prefill_chunks))
     elif a.mtp is not None:

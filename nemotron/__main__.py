@@ -418,23 +418,21 @@ def generate_cmd(argv=None) -> int:
     if a.mtp and rank == 0:
         print(f"MTP: acceptance {stats.acceptance_rate:.2f} ({stats.accepted}/{stats.drafted} drafts), "
               f"{stats.tokens_per_round:.2f} tokens per round, {stats.rounds} rounds", file=sys.stderr)
+    if group is not None:
+        from nemotron.model import distributed
+        distributed.exit_rank(group, 0, a.ep_timeout)
     return 0
 
 
 def _ep_init(a):
     """The torchrun process group (gloo on CPU, NCCL with this rank's GPU), its timeout --ep-timeout
     (loading waits on a side group of its own, 30 minutes): (group, rank); every rank's stdout but
-    rank 0's goes to /dev/null."""
-    import atexit
-
-    import torch.distributed as dist
-
+    rank 0's goes to /dev/null. A rank that finished ends through ``distributed.exit_rank``."""
     from nemotron.model import distributed
     if "WORLD_SIZE" not in os.environ:
         raise UsageError("--ep: launch under torchrun (torchrun --nproc-per-node W [--nnodes N ...] -m nemotron "
                          "generate ... --ep)")
     group, _ = distributed.init_from_env(timeout_s=a.ep_timeout)
-    atexit.register(dist.destroy_process_group)
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return group, group.rank()

@@ -28,7 +28,7 @@ import datetime
 import hashlib
 import os
 import re
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,39 @@ def init_from_env(*, timeout_s: float = DEFAULT_TIMEOUT_S, backend: Optional[str
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return dist.group.WORLD, device
+
+
+def exit_rank(group, code: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> NoReturn:
+    """End a torchrun rank whose work is done: wait (at most ``timeout_s`` seconds) until every rank
+    of ``group`` got here, so no peer is still inside an exchange with this one; destroy the process
+    groups; flush stdout and stderr; exit with ``code`` without interpreter finalization. A peer that
+    does not arrive in time is named on stderr, and the exit code is then ``code`` or, if 0, 1.
+
+    Why not a plain return: gloo's worker threads drop a finished collective's tensors a moment after
+    the collective completes, and dropping a tensor that Python has seen takes the GIL. A worker still
+    waiting for the GIL when the interpreter finalizes is made to exit mid-destructor, and the process
+    aborts ("terminate called without an active exception", SIGABRT) after all its work succeeded.
+    ``destroy_process_group`` does not join those threads (the group's destructor does, on its last
+    reference), so the only exit that cannot race them is one that skips finalization."""
+    import sys
+
+    import torch.distributed as dist
+    try:
+        if dist.is_initialized():
+            bounded_collective(lambda: dist.barrier(group=group, async_op=True), group=group, timeout_s=timeout_s,
+                               what="final barrier", peers=[r for r in range(group.size()) if r != group.rank()],
+                               reached="the end of their run")
+            dist.destroy_process_group()
+    except Exception:                          # a peer that never arrived: say so, and fail this rank too
+        import traceback
+        traceback.print_exc()
+        code = code or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):          # a closed or broken stream has nothing left to write
+            pass
+    os._exit(code)
 
 
 def check_group(ep_group, config) -> tuple[int, int]:

@@ -354,3 +354,49 @@ def test_cli_ep_outside_torchrun_is_a_usage_error(tmp_path, monkeypatch, capsys)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["generate", "--model", str(tmp_path / "m"), "--ids", "1,2", "--ep"]) == 2
     assert "--ep: launch under torchrun" in capsys.readouterr().err
+
+
+_EXIT_SCRIPT = """
+import sys, time
+from nemotron.model import distributed
+group, _ = distributed.init_from_env(timeout_s=120)
+print("done on rank", group.rank(), end="")          # no newline: only a flush writes it
+if group.rank() == 1 and sys.argv[1] == "stuck":
+    time.sleep(60)
+distributed.exit_rank(group, int(sys.argv[3]), timeout_s=float(sys.argv[2]))
+print("after exit_rank")
+"""
+
+
+def _ranks(mode: str, timeout_s: float, code: int):
+    import subprocess
+    import sys
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-c", _EXIT_SCRIPT, mode, str(timeout_s), str(code)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+
+
+def test_exit_rank_flushes_and_exits_with_the_code_on_every_rank():
+    procs = _ranks("together", 30, 3)
+    for r, p in enumerate(procs):
+        out, err = p.communicate(timeout=TIMEOUT_S)
+        assert p.returncode == 3, err[-2000:]
+        assert out == f"done on rank {r}", out
+
+
+def test_exit_rank_fails_naming_a_peer_that_never_arrives():
+    procs = _ranks("stuck", EP_TIMEOUT_S, 0)      # a rank that succeeded, then found its peer missing
+    try:
+        t0 = time.monotonic()
+        out, err = procs[0].communicate(timeout=TIMEOUT_S)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1, err[-2000:]
+    assert out == "done on rank 0"
+    assert "final barrier" in err and "peer rank(s) [1]" in err and "rank 0 of 2" in err, err[-2000:]
+    assert elapsed < 30, f"rank 0 waited {elapsed:.0f} s for a {EP_TIMEOUT_S} s timeout"

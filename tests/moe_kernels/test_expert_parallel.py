@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nemotron import dispatch
+from nemotron.model import distributed
 from nemotron.moe_kernels import LatentMoE
 
 from ..close import assert_close, assert_equal
@@ -103,8 +104,11 @@ def _worker(rank, world, port, out_dir):
         else:
             assert_equal(got, want, what=f"rank {rank} triton")
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # the exit code is checked: end as the CLI does (a plain return can abort in gloo's teardown)
+    distributed.exit_rank(dist.group.WORLD)
 
 
 def _run(world, tmp_path):
