@@ -37,6 +37,16 @@ def test_decode_fills_the_gpu(n, k, m):
     assert (cfg.split - 1) * per < steps, "no split is empty"
 
 
+@pytest.mark.parametrize("n,k", SUPER + NANO)
+def test_17_to_32_rows_use_wgmma_tiles_unless_16_wide(n, k):
+    # a 64-row wgmma tile expands a weight for fewer instructions than 32-row mma.sync ones at BN >= 32
+    # (static sm_90, BN 64: 4.92 vs 6.55 per weight); 16-wide tiles (k/v_proj) keep mma.sync
+    for m in (17, 32):
+        cfg = gemm.pick_config(m, n, k, SMS)
+        assert cfg.bm == (64 if cfg.bn >= gemm.WGMMA_MIN_BN else 32), (m, cfg)
+        assert cfg.warps == (4 if cfg.bm == 64 else max(1, 4 * cfg.bn // 64))
+
+
 @pytest.mark.parametrize("n,k", SUPER)
 def test_tuned_in_proj_tail_and_balance(n, k):
     # the per-SM share of CTAs within 10% of the mean (in_proj was 290 tiles over 264 programs)

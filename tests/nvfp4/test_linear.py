@@ -48,6 +48,18 @@ def test_gemm_kernel_matches_reference(kernel_device, m, n, k, dtype, with_bias,
     assert_close(got, want, atol=ref.gemm_tolerance(x32, w.dequantize(), b, want), what="gemm")
 
 
+@pytest.mark.parametrize("m, n, k", [(17, 512, 512), (32, 256, 512)])
+def test_few_rows_on_64_row_tiles_match_reference(kernel_device, m, n, k):
+    # 17..32 rows at BN >= 32 run one 64-row (wgmma) tile with the rows past M masked, split over K
+    cfg = gemm_kernels.pick_config(m, n, k, gemm_kernels._num_sms(torch.device(kernel_device)))
+    assert cfg.bm == 64 and cfg.bn >= gemm_kernels.WGMMA_MIN_BN and cfg.split > 1, cfg
+    x, w, b = _make(m, n, k, torch.bfloat16, True, 5)
+    want = ref.linear_reference(x, w.codes, w.block_scales, w.global_scale, b)
+    d = kernel_device
+    got = gemm_kernels.gemm(x.to(d), w.codes.to(d), w.block_scales.view(torch.uint8).to(d), w.global_scale.to(d), b.to(d))
+    assert_close(got, want, atol=ref.gemm_tolerance(x.float(), w.dequantize(), b, want), what="gemm, 64-row tiles")
+
+
 def test_persistent_grid_covers_every_tile(kernel_device, monkeypatch):
     """Fewer programs than output tiles: each program walks several tiles (grouped order)."""
     monkeypatch.setattr(gemm_kernels, "_num_sms", lambda device: 1)            # 2 programs
@@ -206,7 +218,7 @@ def test_quantize_bad_recipe(recipe, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 7, 64, 65, 512])
+@pytest.mark.parametrize("m", [1, 7, 32, 64, 65, 512])
 @pytest.mark.parametrize("n, k", [(18560, 4096), (4096, 8192), (2688, 1024), (1024, 2688)])
 def test_gpu_gemm_nemotron_shapes(m, n, k):
     x, w, b = _make(m, n, k, torch.bfloat16, False, m)

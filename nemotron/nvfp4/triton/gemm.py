@@ -43,10 +43,13 @@ SPLIT_K_MAX_M = 64
 # (BN, BK) 64 x 128, 4.94 SASS instructions per weight (4.64 at 128 x 64), occupancy 3 as well.
 NARROW_BN, NARROW_BK = 64, 128
 GROUP_M = 8
+WGMMA_MIN_BN = 32
 # The few-rows launch shapes of the Nemotron linears on a 132-SM Hopper (H100 / H200 SXM), chosen with
 # the static report (bench.static): (N, K, max M of the bucket) -> (BN, split). Each reaches >= 2 CTAs
 # per SM with the per-SM share of CTAs within 10% of the mean where the shape allows, >= 2 K steps per
-# split, and the expansion at <= 6 SASS instructions per weight.
+# split, and the expansion at <= 6 SASS instructions per weight. The 17..32-row bucket runs 64-row wgmma
+# tiles at BN >= WGMMA_MIN_BN (see pick_config), so its entries are the 64-row bucket's but for k/v_proj,
+# whose 16-wide mma.sync tiles give twice the CTAs of 32-wide wgmma ones.
 TUNED_SMS = 132
 TUNED = {
     (18560, 4096, 16): (64, 4), (18560, 4096, 32): (64, 4), (18560, 4096, 64): (64, 4),   # super in_proj
@@ -56,14 +59,14 @@ TUNED = {
     (5376, 4096, 16): (64, 16), (5376, 4096, 32): (64, 16), (5376, 4096, 64): (64, 16),   # super shared_up
     (4096, 5376, 16): (64, 6), (4096, 5376, 32): (64, 6), (4096, 5376, 64): (64, 6),   # super shared_down
     (131072, 4096, 16): (64, 1), (131072, 4096, 32): (64, 1), (131072, 4096, 64): (64, 1),   # super lm_head
-    (1024, 4096, 16): (32, 16), (1024, 4096, 32): (32, 16), (1024, 4096, 64): (64, 32),   # super fc1_latent
-    (4096, 1024, 16): (32, 4), (4096, 1024, 32): (32, 4), (4096, 1024, 64): (64, 8),   # super fc2_latent
+    (1024, 4096, 16): (32, 16), (1024, 4096, 32): (64, 32), (1024, 4096, 64): (64, 32),   # super fc1_latent
+    (4096, 1024, 16): (32, 4), (4096, 1024, 32): (64, 8), (4096, 1024, 64): (64, 8),   # super fc2_latent
     (10304, 2688, 16): (64, 3), (10304, 2688, 32): (64, 3), (10304, 2688, 64): (64, 3),   # nano in_proj
-    (2688, 4096, 16): (32, 16), (2688, 4096, 32): (32, 16), (2688, 4096, 64): (64, 32),   # nano out_proj, nano o_proj
-    (4096, 2688, 16): (64, 6), (4096, 2688, 32): (64, 6), (4096, 2688, 64): (64, 21),   # nano q_proj
+    (2688, 4096, 16): (32, 16), (2688, 4096, 32): (64, 32), (2688, 4096, 64): (64, 32),   # nano out_proj, nano o_proj
+    (4096, 2688, 16): (64, 6), (4096, 2688, 32): (64, 21), (4096, 2688, 64): (64, 21),   # nano q_proj
     (256, 2688, 16): (16, 21), (256, 2688, 32): (16, 21), (256, 2688, 64): (32, 21),   # nano kv_proj
-    (3712, 2688, 16): (64, 11), (3712, 2688, 32): (64, 11), (3712, 2688, 64): (64, 21),   # nano shared_up
-    (2688, 3712, 16): (64, 15), (2688, 3712, 32): (64, 15), (2688, 3712, 64): (64, 29),   # nano shared_down
+    (3712, 2688, 16): (64, 11), (3712, 2688, 32): (64, 21), (3712, 2688, 64): (64, 21),   # nano shared_up
+    (2688, 3712, 16): (64, 15), (2688, 3712, 32): (64, 29), (2688, 3712, 64): (64, 29),   # nano shared_down
     (131072, 2688, 16): (64, 1), (131072, 2688, 32): (64, 1), (131072, 2688, 64): (64, 1),   # nano lm_head
 }
 # Expanded tiles hold ``value * block_scale * TILE_SCALE`` (exact in bf16/fp16, see _FP4_ASM_BF16); the
@@ -322,6 +325,11 @@ def pick_config(m: int, n: int, k: int, sms: int) -> LaunchConfig:
     if m <= SPLIT_K_MAX_M:
         tuned = TUNED.get((n, k, max_m)) if sms == TUNED_SMS else None
         bn, split = tuned or _decode_shape(n, k, m_tiles, bm, bk, sms)
+        if bm == 32 and bn >= WGMMA_MIN_BN:
+            # 17..32 rows: one 64-row wgmma tile (half its rows masked) expands each weight for fewer
+            # instructions than two 16-row mma.sync steps (static sm_90: 4.92 vs 6.55 SASS per weight at
+            # BN 64); a 16-wide wgmma tile would double them, so BN 16 keeps mma.sync
+            bm, m_tiles = 64, triton.cdiv(m, 64)
         if bm <= 32:
             # mma.sync tiles: narrower BN, fewer warps, so each thread keeps the words of the 64-wide tile
             # over which the loop's fixed cost (addresses, masks, barriers) is spread
