@@ -318,8 +318,9 @@ def _decode_shape(n: int, k: int, m_tiles: int, bm: int, bk: int, sms: int) -> t
 
 def pick_config(m: int, n: int, k: int, sms: int) -> LaunchConfig:
     """The launch of ``[m, k] @ [n, k].T`` on a GPU with ``sms`` SMs: the M bucket of CONFIGS; for few
-    rows the tuned (or derived) BN and K split; for many rows a persistent grid of occupancy x SMs, 64 wide
-    in the 65..512-row bucket when 128-wide tiles would give fewer than 2 per SM."""
+    rows the tuned (or derived) BN and K split (17..32 rows on one 64-row wgmma tile when BN >= 32);
+    for many rows a persistent grid of occupancy x SMs, 64 wide in the 65..512-row bucket when
+    128-wide tiles would give fewer than 2 per SM."""
     max_m, bm, bn, bk, warps, stages, occ = _bucket(m)
     m_tiles = triton.cdiv(m, bm)
     if m <= SPLIT_K_MAX_M:
