@@ -160,9 +160,19 @@ def _worker(rank, world, port, out_dir):
             res["mismatch"] = "no error"
         except ValueError as err:
             res["mismatch"] = str(err)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+        _publish(os.path.join(out_dir, f"rank{rank}.pt"), lambda f: torch.save(res, f))
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.exit_rank(dist.group.WORLD)      # a plain return can abort in gloo's teardown (see exit_rank)
+
+
+def _publish(path: str, write) -> None:
+    """Write a rank's result under a temporary name, then rename it: the parent, which polls for the
+    file, never reads a partial one."""
+    with open(path + ".part", "wb") as f:
+        write(f)
+    os.replace(path + ".part", path)
 
 
 def _spawn(fn, world, out_dir, done):
@@ -262,8 +272,7 @@ def _failing_worker(rank, world, port, out_dir):
             msg = "no error"
         except RuntimeError as err:
             msg = str(err)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(f"{time.monotonic() - t0:.1f}\n{msg}")
+        _publish(os.path.join(out_dir, f"rank{rank}.txt"), lambda f: f.write(f"{time.monotonic() - t0:.1f}\n{msg}".encode()))
         if rank == 1:
             time.sleep(30)
     finally:

@@ -161,8 +161,9 @@ def _stuck_peer_worker(rank, world, port, out_dir):
             msg = "no error"
         except RuntimeError as err:
             msg = str(err)
-        with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
+        with open(os.path.join(out_dir, "rank0.part"), "w") as f:
             f.write(f"{time.monotonic() - t0:.1f}\n{msg}")
+        os.replace(os.path.join(out_dir, "rank0.part"), os.path.join(out_dir, "rank0.txt"))   # never read half-written
     finally:
         if rank == 0:
             os._exit(0)          # do not wait for the stuck peer in destroy_process_group
