@@ -47,7 +47,7 @@ WGMMA_MIN_BN = 32
 # The few-rows launch shapes of the Nemotron linears on a 132-SM Hopper (H100 / H200 SXM), chosen with
 # the static report (bench.static): (N, K, max M of the bucket) -> (BN, split). Each reaches >= 2 CTAs
 # per SM with the per-SM share of CTAs within 10% of the mean where the shape allows, >= 2 K steps per
-# split, and the expansion at <= 6 SASS instructions per weight. The 17..32-row bucket runs 64-row wgmma
+# split (any for 64-row tiles), and the expansion at <= 6 SASS instructions per weight. The 17..32-row bucket runs 64-row wgmma
 # tiles at BN >= WGMMA_MIN_BN (see pick_config), so its entries are the 64-row bucket's but for k/v_proj,
 # whose 16-wide mma.sync tiles give twice the CTAs of 32-wide wgmma ones.
 TUNED_SMS = 132
