@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from nemotron.model import NemotronHConfig, NemotronHForCausalLM, checkpoint, distributed
 
-from ..ports import free_port
+from ..ports import free_port, publish
 
 TIMEOUT_S = 150          # the whole spawned run, a hang guard (each rank's own waits are bounded far below)
 EP_TIMEOUT_S = 3.0       # the failing-peer test's ep_timeout
@@ -160,19 +160,11 @@ def _worker(rank, world, port, out_dir):
             res["mismatch"] = "no error"
         except ValueError as err:
             res["mismatch"] = str(err)
-        _publish(os.path.join(out_dir, f"rank{rank}.pt"), lambda f: torch.save(res, f))
+        publish(os.path.join(out_dir, f"rank{rank}.pt"), lambda f: torch.save(res, f))
     except BaseException:
         dist.destroy_process_group()
         raise
     distributed.exit_rank(dist.group.WORLD)      # a plain return can abort in gloo's teardown (see exit_rank)
-
-
-def _publish(path: str, write) -> None:
-    """Write a rank's result under a temporary name, then rename it: the parent, which polls for the
-    file, never reads a partial one."""
-    with open(path + ".part", "wb") as f:
-        write(f)
-    os.replace(path + ".part", path)
 
 
 def _spawn(fn, world, out_dir, done):
@@ -272,7 +264,7 @@ def _failing_worker(rank, world, port, out_dir):
             msg = "no error"
         except RuntimeError as err:
             msg = str(err)
-        _publish(os.path.join(out_dir, f"rank{rank}.txt"), lambda f: f.write(f"{time.monotonic() - t0:.1f}\n{msg}".encode()))
+        publish(os.path.join(out_dir, f"rank{rank}.txt"), lambda f: f.write(f"{time.monotonic() - t0:.1f}\n{msg}".encode()))
         if rank == 1:
             time.sleep(30)
     finally:

@@ -15,7 +15,7 @@ from nemotron.model import distributed
 from nemotron.moe_kernels import LatentMoE
 
 from ..close import assert_close, assert_equal
-from ..ports import free_port
+from ..ports import free_port, publish
 
 H, L, E, K = 64, 16, 8, 3
 TIMEOUT_S = 120
@@ -161,9 +161,7 @@ def _stuck_peer_worker(rank, world, port, out_dir):
             msg = "no error"
         except RuntimeError as err:
             msg = str(err)
-        with open(os.path.join(out_dir, "rank0.part"), "w") as f:
-            f.write(f"{time.monotonic() - t0:.1f}\n{msg}")
-        os.replace(os.path.join(out_dir, "rank0.part"), os.path.join(out_dir, "rank0.txt"))   # never read half-written
+        publish(os.path.join(out_dir, "rank0.txt"), lambda f: f.write(f"{time.monotonic() - t0:.1f}\n{msg}".encode()))
     finally:
         if rank == 0:
             os._exit(0)          # do not wait for the stuck peer in destroy_process_group
